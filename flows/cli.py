@@ -1,0 +1,161 @@
+"""``latentflow``: the command-line entry point.
+
+``latentflow run`` executes the nightly flow once, in-process, and prints ONE
+line of JSON to stdout. A user's mistake (bad input, bad config, a registry that
+is down, a run already in progress) is one line on stderr and exit status 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import LatentflowError
+
+EXIT_USER_ERROR = 2
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="latentflow",
+        description="Tabular data in; latent features and anomaly flags out.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline once, in-process")
+    run.add_argument("--input", help="CSV/Parquet file, directory or glob")
+    run.add_argument("--dataset", help="dataset name (default: from the file name)")
+    run.add_argument("--data-dir", help="output root (default: ./latentflow-data)")
+    run.add_argument("--run-date", type=_date, help="partition date (default: today)")
+    run.add_argument(
+        "--retrain", action="store_true", default=None, help="force training"
+    )
+    run.add_argument("--latent-dim", type=int, help="size of the latent code")
+    run.add_argument("--kind", help="ae | denoising | sparse | contractive | vae")
+    run.add_argument("--epochs", type=int, help="most training epochs")
+    run.add_argument("--device", help="auto | cpu | cuda")
+    run.add_argument("--config", help="YAML or TOML file with PipelineConfig fields")
+
+    demo = sub.add_parser("demo", help="run on generated weatherAUS-shaped data")
+    demo.add_argument("--data-dir", default=".demo", help="output root (default .demo)")
+    demo.add_argument("--rows", type=int, default=20_000, help="rows to generate")
+    demo.add_argument("--run-date", type=_date, help="partition date (default: today)")
+    return p
+
+
+def _quiet_logging() -> None:
+    # stdout carries exactly one JSON line; library chatter goes to stderr or away.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # No network here or on most workers: telemetry only produces error lines.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+
+
+def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Build the config and run the flow; returns the summary dict."""
+    from flows.config import build_config
+    from flows.nightly import nightly
+
+    cfg = build_config(config_file, overrides)
+    with _stdout_to_stderr():
+        return nightly(config=cfg)
+
+
+class _stdout_to_stderr:
+    """Anything a library prints while the flow runs must not reach stdout."""
+
+    def __enter__(self) -> None:
+        self._saved = sys.stdout
+        sys.stdout = sys.stderr
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout = self._saved
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "input": args.input,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "run_date": args.run_date,
+        "retrain": args.retrain,
+        "latent_dim": args.latent_dim,
+        "kind": args.kind,
+        "epochs": args.epochs,
+        "device": args.device,
+    }
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.synthetic import write_weatheraus_like_csv
+
+    data_dir = Path(args.data_dir).resolve()
+    src = data_dir / "input" / "weatherAUS-sample.csv"
+    if not src.exists():
+        write_weatheraus_like_csv(src, args.rows, seed=0)
+    summary = run_pipeline(
+        None,
+        {
+            "input": str(src),
+            "dataset": "weatheraus",
+            "data_dir": str(data_dir),
+            "run_date": args.run_date,
+            "epochs": 30,
+        },
+    )
+    print(f"input:   {src}", file=sys.stderr)
+    print(
+        f"outputs: {data_dir}/{{ingested,rejected,latent}}/weatheraus/", file=sys.stderr
+    )
+    print(
+        f"mlflow:  mlflow ui --backend-store-uri sqlite:///{data_dir}/mlflow.db",
+        file=sys.stderr,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_logging()
+    try:
+        if args.command == "demo":
+            summary = _demo(args)
+        else:
+            if not args.input and not args.config:
+                raise LatentflowError(
+                    "--input (or a --config with 'input') is required"
+                )
+            summary = run_pipeline(args.config, _overrides(args))
+    except LatentflowError as exc:
+        print(f"latentflow: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("latentflow: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

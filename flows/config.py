@@ -1,0 +1,252 @@
+"""The flow's one parameter: a validated pydantic model.
+
+Prefect renders it as a form in the UI (descriptions become help text, bounds
+and enums become validation), the CLI builds it from flags and a YAML/TOML file,
+and deployments set its defaults. Nothing below ``flows/`` imports it: tasks
+take explicit arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import ConfigError
+from tasks.ingest import WEATHERAUS_RULES
+from tasks.storage import dataset_from_path, validate_dataset_name
+
+Kind = Literal["ae", "denoising", "sparse", "contractive", "vae"]
+Device = Literal["auto", "cpu", "cuda"]
+
+DEFAULT_DATA_DIR = "latentflow-data"
+
+# Known datasets: what a user would otherwise have to type every night.
+PRESETS: dict[str, dict[str, Any]] = {
+    "weatheraus": {
+        "keys": ["Date", "Location"],
+        "label": "RainTomorrow",
+        "rules": list(WEATHERAUS_RULES),
+    },
+}
+
+
+class PipelineConfig(BaseModel):
+    """Settings for one run of the latentflow pipeline."""
+
+    # ``keys`` is an alias: a field named ``keys`` would shadow the mapping protocol
+    # that dict(model) (and Prefect's parameter resolution) relies on.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    input: str = Field(
+        description="CSV (optionally .gz) or Parquet file, a directory of them, or a"
+        " glob such as drops/*.csv",
+        min_length=1,
+    )
+    data_dir: str = Field(
+        DEFAULT_DATA_DIR,
+        description="Where ingested/, rejected/, latent/ and the MLflow store live",
+        min_length=1,
+    )
+    dataset: str | None = Field(
+        None,
+        description="Dataset name (a-z, 0-9, - and _); default: the input file name,"
+        " lower-cased",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+    )
+    run_date: date | None = Field(None, description="Partition date; default today")
+    retrain: bool = Field(
+        False, description="Train a new model even if one is reusable"
+    )
+
+    # model
+    kind: Kind = Field("ae", description="Autoencoder variant")
+    latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
+    hidden: tuple[int, ...] = Field(
+        (64, 32), description="Encoder hidden layer widths (decoder mirrors them)"
+    )
+    epochs: int = Field(60, ge=1, le=1000, description="Most training epochs")
+    batch_size: int = Field(256, ge=8, le=65536, description="Training mini-batch size")
+    lr: float = Field(2e-3, gt=0, le=1, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Adam weight decay")
+    val_fraction: float = Field(
+        0.1, ge=0, le=0.5, description="Share of training rows for early stopping"
+    )
+    patience: int = Field(
+        6, ge=1, le=200, description="Early-stopping patience (epochs)"
+    )
+    noise_std: float = Field(0.2, ge=0, le=5, description="Denoising: input noise std")
+    sparsity_weight: float = Field(1e-3, ge=0, description="Sparse: L1 weight on codes")
+    contractive_weight: float = Field(
+        1e-4, ge=0, description="Contractive: Jacobian penalty weight"
+    )
+    beta: float = Field(1.0, ge=0, description="VAE: weight of the KL term")
+    contamination: float = Field(
+        0.01, gt=0, le=0.5, description="Expected share of anomalies; sets threshold"
+    )
+    device: Device = Field("auto", description="auto uses CUDA when available")
+    random_state: int = Field(42, ge=0, description="Seed: same seed, same model")
+    n_clusters: int | None = Field(
+        None, ge=2, le=256, description="Add a KMeans cluster column on the latent"
+    )
+
+    # data roles
+    key_columns: list[str] | None = Field(
+        None, alias="keys", description="Key columns (default: preset, else inferred)"
+    )
+    features: list[str] | None = Field(
+        None, description="Feature columns (default: all non-key, non-label columns)"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Columns never used as features"
+    )
+    label: str | None = Field(
+        None, description="Label column kept for evaluation, never a feature"
+    )
+    rules: list[str] | None = Field(
+        None, description="Domain rules, e.g. 'MinTemp <= MaxTemp' (default: preset)"
+    )
+    preset: Literal["auto", "none", "weatheraus"] = Field(
+        "auto", description="Dataset defaults; auto picks one by dataset name"
+    )
+
+    # operations
+    max_model_age_days: int = Field(
+        7, ge=0, le=3650, description="Older champions are retrained"
+    )
+    max_reject_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail the run if more rows are rejected"
+    )
+    max_train_rows: int = Field(
+        2_000_000, ge=100, description="Seeded uniform sample cap for training"
+    )
+    holdout_fraction: float = Field(
+        0.2, gt=0, le=0.5, description="Held-out share for val MSE vs PCA"
+    )
+    score_batch_rows: int = Field(
+        65536, ge=1024, le=4_194_304, description="Rows per scoring batch"
+    )
+    lock_wait_seconds: float = Field(
+        0.0, ge=0, le=86400, description="Wait this long for another run's lock"
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(h < 1 or h > 8192 for h in v):
+            raise ValueError("hidden widths must be 1..8192, at least one layer")
+        return v
+
+    # -- derived values -------------------------------------------------------
+    def resolved(self) -> PipelineConfig:
+        """Fill defaults that depend on other fields: dataset, run date, preset."""
+        updates: dict[str, Any] = {}
+        dataset = self.dataset or dataset_from_path(self.input.split("*")[0] or "data")
+        validate_dataset_name(dataset)
+        updates["dataset"] = dataset
+        updates["run_date"] = self.run_date or date.today()
+        preset_name = dataset if self.preset == "auto" else self.preset
+        preset = PRESETS.get(preset_name, {}) if self.preset != "none" else {}
+        for field_name, key in (
+            ("key_columns", "keys"),
+            ("label", "label"),
+            ("rules", "rules"),
+        ):
+            if getattr(self, field_name) is None and key in preset:
+                updates[field_name] = preset[key]
+        return self.model_copy(update=updates)
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.dataset}-autoencoder"
+
+    def estimator_params(self) -> dict[str, Any]:
+        """Hyperparameters for :class:`models.AutoencoderReducer`."""
+        names = [
+            "latent_dim",
+            "hidden",
+            "kind",
+            "epochs",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "val_fraction",
+            "patience",
+            "noise_std",
+            "sparsity_weight",
+            "contractive_weight",
+            "beta",
+            "contamination",
+            "device",
+            "random_state",
+        ]
+        return {n: getattr(self, n) for n in names}
+
+    def config_hash(self) -> str:
+        """A short hash of everything that shapes the model and its outputs."""
+        payload = self.model_dump(
+            mode="json", exclude={"run_date", "retrain", "lock_wait_seconds"}
+        )
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or TOML config file into a dict (fields as in PipelineConfig)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc}") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {p} is not valid YAML/TOML: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of fields, got a list")
+    return data
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line naming each bad field and what was expected."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    more = f" (+{len(exc.errors()) - 5} more)" if len(exc.errors()) > 5 else ""
+    return f"invalid configuration in {source}: " + "; ".join(parts) + more
+
+
+def build_config(file: str | None, overrides: dict[str, Any]) -> PipelineConfig:
+    """Merge a config file and explicit overrides into a validated config."""
+    data: dict[str, Any] = load_config_file(file) if file else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    source = file or "command-line options"
+    try:
+        return PipelineConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None

@@ -1,0 +1,230 @@
+"""The nightly reduce-dataset flow: ingest, decide, (train, register), score, publish.
+
+Only wiring lives here: every step is a task over a plain function in
+``tasks/``, and steps pass paths and small typed results, not DataFrames.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.config import PipelineConfig
+from tasks import registry
+from tasks.decide import decide
+from tasks.errors import SchemaError
+from tasks.ingest import ingest
+from tasks.report import publish_report, worst_features_task
+from tasks.score import score_partition
+from tasks.storage import DatasetLock, clean_stale_staging, staging_root
+from tasks.train import train_model
+
+FLOW_NAME = "latentflow-nightly"
+
+_io = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
+ingest_task = task(ingest, name="ingest", **_io)
+score_task = task(score_partition, name="score", **_io)
+find_champion_task = task(registry.find_champion, name="find-champion", **_io)
+decide_task = task(decide, name="decide", cache_policy=NO_CACHE)
+register_task = task(registry.log_and_register, name="register", cache_policy=NO_CACHE)
+promote_task = task(registry.promote, name="promote", cache_policy=NO_CACHE)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(**kwargs: Any) -> Any:
+    """Train with per-epoch logs and a progress artifact the UI updates live."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    epochs = int(kwargs["estimator_params"]["epochs"])
+    progress = create_progress_artifact(0.0, description="training epochs")
+
+    def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
+        logger.info(
+            "epoch %d: train_loss=%.5f val_loss=%.5f", epoch, train_loss, val_loss
+        )
+        update_progress_artifact(progress, min(100.0, 100.0 * (epoch + 1) / epochs))
+
+    result = train_model(**kwargs, epoch_callback=on_epoch)
+    update_progress_artifact(progress, 100.0)
+    return result
+
+
+def _run_name() -> str:
+    cfg = flow_run.parameters.get("config")
+    if isinstance(cfg, dict):
+        cfg = PipelineConfig(**cfg)
+    if isinstance(cfg, PipelineConfig):
+        cfg = cfg.resolved()
+        return f"{cfg.dataset}-{cfg.run_date}"
+    return "latentflow"
+
+
+@flow(name=FLOW_NAME, flow_run_name=_run_name, log_prints=False)
+def nightly(config: PipelineConfig) -> dict[str, Any]:
+    """Turn a tabular file into latent features, reconstruction errors and flags."""
+    logger = get_run_logger()
+    cfg = config.resolved()
+    dataset, run_date = cfg.dataset or "", cfg.run_date
+    assert run_date is not None
+    tag = f"{dataset}-{run_date}"
+    data_dir = Path(cfg.data_dir).expanduser().resolve()
+    cache_dir = data_dir / ".cache" / "models"
+
+    with DatasetLock(data_dir, dataset, cfg.lock_wait_seconds):
+        clean_stale_staging(data_dir, dataset)
+        registry.configure(data_dir)
+        champion = find_champion_task.with_options(task_run_name=f"champion-{tag}")(
+            cfg.model_name, cache_dir
+        )
+        ing = ingest_task.with_options(task_run_name=f"ingest-{tag}")(
+            cfg.input,
+            data_dir,
+            dataset,
+            run_date,
+            keys=cfg.key_columns,
+            features=cfg.features,
+            exclude=cfg.exclude,
+            label=cfg.label,
+            rules=cfg.rules or (),
+            max_reject_fraction=cfg.max_reject_fraction,
+        )
+        if champion is not None and not cfg.retrain:
+            _require_columns(champion.input_schema, ing.schema, champion.name)
+        decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
+            champion, ing.schema, datetime.now(UTC), cfg.max_model_age_days, cfg.retrain
+        )
+        logger.info("decision: %s (%s)", decision.action, decision.reason)
+
+        metrics: dict[str, float] = {}
+        if decision.action == "train":
+            # The directory's name becomes the artifact's name in MLflow.
+            stage = staging_root(data_dir) / f"model.{dataset}.{uuid.uuid4().hex[:12]}"
+            bundle_dir = stage / registry.BUNDLE_ARTIFACT
+            try:
+                trained = train_task.with_options(task_run_name=f"train-{tag}")(
+                    ingested_dir=Path(ing.ingested_dir),
+                    schema=ing.schema,
+                    bundle_dir=bundle_dir,
+                    dataset=dataset,
+                    estimator_params=cfg.estimator_params(),
+                    label=cfg.label,
+                    max_train_rows=cfg.max_train_rows,
+                    holdout_fraction=cfg.holdout_fraction,
+                    n_clusters=cfg.n_clusters,
+                )
+                metrics = trained.metrics
+                reg = register_task.with_options(task_run_name=f"register-{tag}")(
+                    bundle_dir=bundle_dir,
+                    name=cfg.model_name,
+                    dataset=dataset,
+                    data_dir=data_dir,
+                    params={**trained.params, "config_hash": cfg.config_hash()},
+                    history=trained.history,
+                    metrics=metrics,
+                    tags={
+                        "decision": "train",
+                        "reason": decision.reason,
+                        "dataset": dataset,
+                        "run_date": str(run_date),
+                        "config_hash": cfg.config_hash(),
+                    },
+                    sample=trained.sample,
+                    description=_model_card(cfg, ing, trained),
+                )
+                promote_task.with_options(task_run_name=f"promote-{tag}")(
+                    reg.name, reg.version, cache_dir
+                )
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+            version, run_id = reg.version, reg.run_id
+            bundle = registry.fetch_model(cfg.model_name, version, cache_dir)
+        else:
+            assert champion is not None
+            version, run_id, bundle = (
+                champion.version,
+                champion.run_id,
+                Path(champion.model_dir),
+            )
+
+        scored = score_task.with_options(task_run_name=f"score-{tag}")(
+            Path(ing.ingested_dir),
+            bundle,
+            data_dir,
+            dataset,
+            run_date,
+            model_name=cfg.model_name,
+            model_version=version,
+            mlflow_run_id=run_id,
+            config_hash=cfg.config_hash(),
+            batch_rows=cfg.score_batch_rows,
+        )
+
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "run_date": str(run_date),
+        "rows_in": ing.rows_in,
+        "rows_rejected": ing.rows_rejected,
+        "rows_scored": scored.rows_scored,
+        "anomalies": scored.anomalies,
+        "trained": decision.action == "train",
+        "decision": decision.action,
+        "reason": decision.reason,
+        "model_name": cfg.model_name,
+        "model_version": version,
+        "mlflow_run_id": run_id,
+        "output": scored.output_dir,
+    }
+    keys = [c["name"] for c in ing.schema["columns"] if c.get("role") == "key"]
+    top = worst_features_task.with_options(task_run_name=f"explain-{tag}")(
+        Path(ing.ingested_dir),
+        bundle,
+        [r["_row_id"] for r in scored.top_anomalies],
+        keys,
+    )
+    publish_report.with_options(task_run_name=f"report-{tag}")(
+        summary, metrics, decision.reason, top, key=dataset.replace("_", "-")
+    )
+    return summary
+
+
+def _require_columns(
+    model_schema: dict[str, Any], data_schema: dict[str, Any], name: str
+) -> None:
+    have = {c["name"] for c in data_schema.get("columns", [])}
+    need = [
+        c["name"]
+        for c in model_schema.get("columns", [])
+        if c.get("role") in ("key", "feature") and c["name"] not in have
+    ]
+    if need:
+        raise SchemaError(
+            f"the input lacks column(s) the champion {name} needs: {', '.join(need)};"
+            " fix the input, or pass --retrain to train a model on the new schema"
+        )
+
+
+def _model_card(cfg: PipelineConfig, ing: Any, trained: Any) -> str:
+    m = trained.metrics
+    feats = [c["name"] for c in ing.schema["columns"] if c.get("role") == "feature"]
+    lines = [
+        f"latentflow {cfg.kind} autoencoder for {cfg.dataset},"
+        f" run date {cfg.run_date}.",
+        f"Data: {trained.n_rows_total} rows ingested; {trained.n_train} train,"
+        f" {trained.n_holdout} holdout.",
+        f"Features ({len(feats)}): {', '.join(feats)}.",
+        "Preprocessing: median imputation + missing indicators + standard scaling;"
+        " one-hot categoricals with an unknown slot.",
+        f"Hyperparameters: {cfg.estimator_params()}.",
+        f"Holdout MSE {m['val_mse']:.4f}"
+        f" vs PCA({cfg.latent_dim}) {m['pca_val_mse']:.4f};"
+        f" threshold {m['threshold']:.4f} (contamination {cfg.contamination}).",
+    ]
+    return "\n".join(lines)

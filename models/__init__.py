@@ -1,0 +1,7 @@
+"""The computation that is "the model": torch networks, the scikit-learn-style
+estimator, the preprocessor and the saved bundle. Imports nothing from flows/ or
+tasks/."""
+
+from models.estimator import AutoencoderReducer
+
+__all__ = ["AutoencoderReducer"]

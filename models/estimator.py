@@ -1,0 +1,985 @@
+"""Scikit-learn compatible autoencoders: dimensionality reduction and anomaly scores.
+
+:class:`AutoencoderReducer` is a transformer (``fit`` / ``transform`` /
+``inverse_transform``) that also scores rows by reconstruction error, PyOD style
+(``decision_scores_``, ``threshold_``, ``labels_``, ``decision_function``,
+``predict``). The torch module lives in :mod:`models.networks` and is built in
+``fit`` once the number of features is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import uuid
+import warnings
+from collections.abc import Callable
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import (
+    _check_feature_names_in,
+    check_array,
+    check_is_fitted,
+    validate_data,
+)
+
+from models.networks import ACTIVATIONS, AutoencoderNetwork, encode_with_jacobian
+
+KINDS = ("ae", "denoising", "sparse", "contractive", "vae")
+
+FORMAT_NAME = "latentflow.AutoencoderReducer"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "estimator.json"
+
+# Rows per forward pass at inference: large enough to amortise per-call overhead
+# on millions of rows, small enough that activations stay well under 1 GB.
+INFERENCE_BATCH = 65536
+
+# A validation split smaller than this gives a loss too noisy to stop on, so
+# training then monitors the training loss instead.
+MIN_VALIDATION_ROWS = 10
+
+_SEED_HIGH = 2**31 - 1
+
+
+def _resolve_device(device: str) -> torch.device:
+    """Map the ``device`` parameter to a usable torch device or raise ValueError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        )
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available "
+            "(torch.cuda.is_available() is False); use device='cpu' or 'auto'"
+        )
+    return resolved
+
+
+def _rows_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float32 C-contiguous numpy block as a tensor on ``device``."""
+    # torch.from_numpy warns on read-only arrays (memmaps, Arrow buffers); copying
+    # one block is cheaper than the warning machinery and never writes back.
+    if not rows.flags.writeable:
+        rows = rows.copy()
+    return torch.from_numpy(rows).to(device, non_blocking=True)
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so readers see the old file or the new one."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class AutoencoderReducer(TransformerMixin, BaseEstimator):
+    """Autoencoder for dimensionality reduction and reconstruction-error scores.
+
+    A fully connected autoencoder (linear output layer, MSE loss averaged over
+    features) trained with Adam on a random train/validation split, with early
+    stopping on the validation reconstruction error and restoration of the best
+    weights. The code is the reduced representation; the per-row reconstruction
+    error is an anomaly score, thresholded at the ``1 - contamination`` quantile of
+    the training scores.
+
+    The network computes in float32. ``transform``, ``inverse_transform`` and
+    ``feature_errors`` return float32 for float32 input and float64 otherwise;
+    ``decision_function`` returns float64 (the float32 errors, upcast exactly);
+    :meth:`encode_and_score` returns float32.
+
+    Parameters
+    ----------
+    latent_dim : int, default=8
+        Width of the code (number of output features of ``transform``).
+    hidden : tuple of int, default=(64, 32)
+        Encoder hidden-layer widths; the decoder mirrors them. Empty gives a
+        shallow autoencoder.
+    kind : {"ae", "denoising", "sparse", "contractive", "vae"}, default="ae"
+        Variant:
+
+        - ``"ae"``: plain autoencoder.
+        - ``"denoising"``: inputs are corrupted with Gaussian noise of standard
+          deviation ``noise_std`` during training only; the target is the clean
+          row. Inference is deterministic.
+        - ``"sparse"``: the code passes through a ReLU, so inactive units are exact
+          zeros, and ``sparsity_weight * ||z||_1`` (per row, averaged over the
+          batch) is added to the loss.
+        - ``"contractive"``: adds ``contractive_weight * ||dz/dx||_F^2`` (per row,
+          averaged), the squared Frobenius norm of the encoder Jacobian, computed
+          exactly by batched chain-rule products (see
+          :func:`models.networks.encode_with_jacobian`).
+        - ``"vae"``: the encoder gives a diagonal Gaussian posterior ``(mu,
+          logvar)``; training decodes a reparameterised sample ``z = mu + sigma *
+          eps`` and minimises ``MSE + beta * KL(q(z|x) || N(0, I)) / n_features``.
+          That is the negative ELBO divided by ``n_features`` for a Gaussian
+          decoder of fixed variance 1/2 (so ``-log p(x|z) = SSE + const``), which
+          keeps the KL term at full strength at ``beta=1``. ``transform`` returns
+          the posterior mean and scores use ``decode(mu)``, so inference is
+          deterministic; :meth:`sample` draws from the prior.
+    activation : {"relu", "tanh", "sigmoid", "elu", "leaky_relu", "gelu", "silu"}, \
+default="relu"
+        Hidden-layer activation.
+    epochs : int, default=100
+        Maximum number of passes over the training rows.
+    batch_size : int, default=256
+        Rows per optimiser step.
+    lr : float, default=1e-3
+        Adam learning rate.
+    weight_decay : float, default=0.0
+        Adam (L2) weight decay.
+    val_fraction : float in [0, 1), default=0.1
+        Share of rows held out to monitor early stopping. If 0, or if it would
+        leave fewer than ``MIN_VALIDATION_ROWS`` rows, all rows are used for
+        training and the training reconstruction error is monitored instead.
+    patience : int or None, default=10
+        Stop after this many epochs without improvement of the monitored loss.
+        None trains for all ``epochs``. The best epoch's weights are restored
+        either way.
+    noise_std : float, default=0.2
+        Corruption level for ``kind="denoising"``.
+    sparsity_weight : float, default=1e-3
+        L1 weight on the code for ``kind="sparse"``.
+    contractive_weight : float, default=1e-4
+        Jacobian penalty weight for ``kind="contractive"``.
+    beta : float, default=1.0
+        KL weight for ``kind="vae"``.
+    contamination : float in (0, 0.5], default=0.01
+        Expected share of anomalies in the training data; sets ``threshold_``.
+    device : str, default="auto"
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
+        ``"cuda:N"``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the split, the weight initialisation, the shuffling and the noise.
+        An int gives identical weights and outputs across runs on the same
+        hardware; the global torch and numpy RNG states are left untouched.
+    verbose : int, default=0
+        If positive, print one line per epoch.
+    epoch_callback : callable or None, default=None
+        ``epoch_callback(epoch, train_loss, val_loss)`` after each epoch (0-based
+        epoch; the losses are the values appended to ``history_``). Never saved.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+        Number of input features.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Input column names; only when fitted on a DataFrame with string columns.
+    network_ : AutoencoderNetwork
+        The trained module, on ``device_``.
+    device_ : str
+        Device the network lives on.
+    history_ : dict of str to list of float
+        ``"train_loss"``: mean training objective per epoch (regularisation terms
+        included). ``"val_loss"``: reconstruction MSE on the validation rows per
+        epoch, or the training reconstruction MSE when there is no validation
+        split.
+    n_epochs_ : int
+        Epochs run (``len(history_["train_loss"])``).
+    best_epoch_ : int
+        0-based index into ``history_`` of the epoch whose weights were kept.
+    val_loss_ : float
+        ``history_["val_loss"][best_epoch_]``: pure reconstruction MSE averaged
+        over rows and features, comparable with PCA's.
+    decision_scores_ : ndarray of shape (n_samples,)
+        Reconstruction errors of the training rows (all of them, validation rows
+        included).
+    threshold_ : float
+        ``np.quantile(decision_scores_, 1 - contamination)``.
+    labels_ : ndarray of shape (n_samples,)
+        ``(decision_scores_ > threshold_)`` as 0/1 integers.
+
+    See Also
+    --------
+    sklearn.decomposition.PCA : Linear counterpart.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from models import AutoencoderReducer
+    >>> X = np.random.default_rng(0).normal(size=(200, 6))
+    >>> est = AutoencoderReducer(latent_dim=2, epochs=5, random_state=0).fit(X)
+    >>> est.transform(X).shape
+    (200, 2)
+    """
+
+    _parameter_constraints: dict = {
+        "latent_dim": [Interval(Integral, 1, None, closed="left")],
+        "hidden": [tuple, list],
+        "kind": [StrOptions(set(KINDS))],
+        "activation": [StrOptions(set(ACTIVATIONS))],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "val_fraction": [Interval(Real, 0, 1, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left"), None],
+        "noise_std": [Interval(Real, 0, None, closed="left")],
+        "sparsity_weight": [Interval(Real, 0, None, closed="left")],
+        "contractive_weight": [Interval(Real, 0, None, closed="left")],
+        "beta": [Interval(Real, 0, None, closed="left")],
+        "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "epoch_callback": [callable, None],
+    }
+
+    def __init__(
+        self,
+        latent_dim: int = 8,
+        hidden: tuple[int, ...] = (64, 32),
+        kind: str = "ae",
+        activation: str = "relu",
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        val_fraction: float = 0.1,
+        patience: int | None = 10,
+        noise_std: float = 0.2,
+        sparsity_weight: float = 1e-3,
+        contractive_weight: float = 1e-4,
+        beta: float = 1.0,
+        contamination: float = 0.01,
+        device: str = "auto",
+        random_state: int | np.random.RandomState | None = None,
+        verbose: int = 0,
+        epoch_callback: Callable[[int, float, float], Any] | None = None,
+    ) -> None:
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.kind = kind
+        self.activation = activation
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.noise_std = noise_std
+        self.sparsity_weight = sparsity_weight
+        self.contractive_weight = contractive_weight
+        self.beta = beta
+        self.contamination = contamination
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.epoch_callback = epoch_callback
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    # -- fitting --------------------------------------------------------------
+    def fit(self, X: Any, y: Any = None) -> AutoencoderReducer:
+        """Train the autoencoder on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows, numeric and finite, ideally standardized.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : AutoencoderReducer
+            The fitted estimator.
+        """
+        self._validate_params()
+        hidden = self._checked_hidden()
+        X = validate_data(self, X, dtype=[np.float64, np.float32])
+        device = _resolve_device(self.device)
+        rng = check_random_state(self.random_state)
+
+        n_samples, n_features = X.shape
+        n_val = int(self.val_fraction * n_samples)
+        if n_val < MIN_VALIDATION_ROWS or n_val >= n_samples:
+            n_val = 0
+        order = rng.permutation(n_samples)
+        init_seed, train_seed = (int(s) for s in rng.randint(0, _SEED_HIGH, size=2))
+
+        # Seed the initialisation without disturbing the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            network = AutoencoderNetwork(
+                n_features,
+                self.latent_dim,
+                hidden,
+                self.activation,
+                variational=self.kind == "vae",
+                code_activation="relu" if self.kind == "sparse" else None,
+            )
+        network.to(device)
+
+        x_all = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+        index = torch.from_numpy(order).to(device)
+        x_val = x_all[index[:n_val]] if n_val else None
+        x_train = x_all[index[n_val:]]
+        generator = torch.Generator(device=device).manual_seed(train_seed)
+
+        history, best_epoch = self._train(network, x_train, x_val, generator)
+        del x_all, x_train, x_val
+
+        network.eval()
+        self.network_ = network
+        self.device_ = str(device)
+        self.history_ = history
+        self.n_epochs_ = len(history["train_loss"])
+        self.best_epoch_ = best_epoch
+        self.val_loss_ = float(history["val_loss"][best_epoch])
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        _, errors = self._forward(X32, latent=False, error=True)
+        self.decision_scores_ = errors.astype(np.float64)
+        self.threshold_ = float(np.quantile(self.decision_scores_, 1 - self.contamination))
+        self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
+        return self
+
+    def _checked_hidden(self) -> tuple[int, ...]:
+        hidden = tuple(self.hidden)
+        if not all(isinstance(h, Integral) and not isinstance(h, bool) for h in hidden):
+            raise ValueError(f"hidden must hold integers, got {self.hidden!r}")
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden layer widths must be >= 1, got {self.hidden!r}")
+        return tuple(int(h) for h in hidden)
+
+    def _make_optimizer(self, network: AutoencoderNetwork) -> torch.optim.Optimizer:
+        kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        try:
+            # The fused kernel updates every parameter in one call instead of a
+            # Python loop over tensors: measurably faster for small networks.
+            return torch.optim.Adam(network.parameters(), fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            return torch.optim.Adam(network.parameters(), **kwargs)
+
+    def _train(
+        self,
+        network: AutoencoderNetwork,
+        x_train: torch.Tensor,
+        x_val: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> tuple[dict[str, list[float]], int]:
+        """Run the epochs; leave the best weights in ``network``."""
+        optimizer = self._make_optimizer(network)
+        n_train = x_train.shape[0]
+        device = x_train.device
+        history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+        best_loss = math.inf
+        best_epoch = -1
+        best_state: dict[str, torch.Tensor] | None = None
+        stale = 0
+        weights = self._batch_weights(n_train, device)
+        for epoch in range(self.epochs):
+            network.train()
+            # One gather per epoch, then contiguous slices: cheaper than indexing
+            # every batch and no DataLoader or numpy round trips.
+            shuffled = x_train[torch.randperm(n_train, generator=generator, device=device)]
+            # Keep the per-batch losses as device tensors and reduce them once per
+            # epoch: a .item() per batch would sync every step.
+            losses: list[torch.Tensor] = []
+            recons: list[torch.Tensor] = []
+            for start in range(0, n_train, self.batch_size):
+                batch = shuffled[start : start + self.batch_size]
+                loss, recon = self._batch_loss(network, batch, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+                if recon is not loss:
+                    recons.append(recon.detach())
+            loss_sum = torch.stack(losses) @ weights
+            recon_sum = torch.stack(recons) @ weights if recons else loss_sum
+            train_loss = float(loss_sum) / n_train
+            if x_val is None:
+                monitored = float(recon_sum) / n_train
+            else:
+                monitored = self._validation_loss(network, x_val)
+            history["train_loss"].append(train_loss)
+            history["val_loss"].append(monitored)
+            if self.verbose:
+                print(
+                    f"epoch {epoch}: train_loss={train_loss:.6g} val_loss={monitored:.6g}"
+                )
+            if self.epoch_callback is not None:
+                self.epoch_callback(epoch, train_loss, monitored)
+            if not (math.isfinite(train_loss) and math.isfinite(monitored)):
+                warnings.warn(
+                    f"training stopped at epoch {epoch}: the loss is not finite; "
+                    "keeping the best earlier weights (consider a lower lr)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                break
+            if monitored < best_loss:
+                best_loss, best_epoch, stale = monitored, epoch, 0
+                best_state = {
+                    k: v.detach().clone() for k, v in network.state_dict().items()
+                }
+            else:
+                stale += 1
+                if self.patience is not None and stale >= self.patience:
+                    break
+        if best_state is None:
+            raise ValueError(
+                "training diverged: the loss was not finite in the first epoch; "
+                "check the input scale or lower lr"
+            )
+        network.load_state_dict(best_state)
+        return history, best_epoch
+
+    def _batch_weights(self, n_train: int, device: torch.device) -> torch.Tensor:
+        """Rows per batch, to turn per-batch mean losses into an epoch mean."""
+        sizes = torch.full(
+            (math.ceil(n_train / self.batch_size),), float(self.batch_size)
+        )
+        sizes[-1] = n_train - self.batch_size * (sizes.shape[0] - 1)
+        return sizes.to(device)
+
+    def _batch_loss(
+        self,
+        network: AutoencoderNetwork,
+        batch: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training objective and its pure reconstruction-MSE part for one batch."""
+        kind = self.kind
+        if kind == "vae":
+            mu, logvar = network.encode_distribution(batch)
+            eps = torch.randn(
+                mu.shape, generator=generator, device=mu.device, dtype=mu.dtype
+            )
+            recon = F.mse_loss(network.decode(mu + eps * torch.exp(0.5 * logvar)), batch)
+            kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
+            return recon + (self.beta / batch.shape[1]) * kl, recon
+        if kind == "contractive":
+            code, jac_sq = encode_with_jacobian(network, batch)
+            recon = F.mse_loss(network.decode(code), batch)
+            return recon + self.contractive_weight * jac_sq.mean(), recon
+        if kind == "denoising":
+            noise = torch.randn(
+                batch.shape, generator=generator, device=batch.device, dtype=batch.dtype
+            )
+            recon = F.mse_loss(network(batch + self.noise_std * noise), batch)
+            return recon, recon
+        code = network.encode(batch)
+        recon = F.mse_loss(network.decode(code), batch)
+        if kind == "sparse":
+            return recon + self.sparsity_weight * code.abs().sum(dim=1).mean(), recon
+        return recon, recon
+
+    @staticmethod
+    def _validation_loss(network: AutoencoderNetwork, x_val: torch.Tensor) -> float:
+        network.eval()
+        total = torch.zeros((), device=x_val.device)
+        with torch.inference_mode():
+            for start in range(0, x_val.shape[0], INFERENCE_BATCH):
+                batch = x_val[start : start + INFERENCE_BATCH]
+                total += (network(batch) - batch).square().sum()
+        return float(total) / x_val.numel()
+
+    # -- inference ------------------------------------------------------------
+    def _forward(
+        self, X32: np.ndarray, *, latent: bool, error: bool
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Codes and/or per-row reconstruction MSE for a float32 C-contiguous array.
+
+        The single code path behind ``transform``, ``decision_function`` and
+        ``encode_and_score``, so their outputs agree exactly.
+        """
+        network = self.network_
+        device = torch.device(self.device_)
+        n = X32.shape[0]
+        codes = np.empty((n, network.latent_dim), dtype=np.float32) if latent else None
+        errors = np.empty(n, dtype=np.float32) if error else None
+        with torch.inference_mode():
+            for start in range(0, n, INFERENCE_BATCH):
+                stop = min(start + INFERENCE_BATCH, n)
+                batch = _rows_tensor(X32[start:stop], device)
+                code = network.encode(batch)
+                if codes is not None:
+                    codes[start:stop] = code.cpu().numpy()
+                if errors is not None:
+                    sq = (network.decode(code) - batch).square_()
+                    errors[start:stop] = sq.mean(dim=1).cpu().numpy()
+        return codes, errors
+
+    def _validated(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Encode rows into the latent space.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to encode.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, latent_dim)
+            Codes (the posterior mean for ``kind="vae"``); float32 for float32
+            input, float64 otherwise.
+        """
+        X = self._validated(X)
+        codes, _ = self._forward(
+            np.ascontiguousarray(X, dtype=np.float32), latent=True, error=False
+        )
+        return codes.astype(X.dtype, copy=False)
+
+    def inverse_transform(self, X: Any) -> np.ndarray:
+        """Decode latent codes back to the input space.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, latent_dim)
+            Codes, e.g. from :meth:`transform`.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features_in_)
+            Reconstructions; float32 for float32 input, float64 otherwise.
+        """
+        check_is_fitted(self)
+        Z = check_array(X, dtype=[np.float64, np.float32])
+        latent_dim = self.network_.latent_dim
+        if Z.shape[1] != latent_dim:
+            raise ValueError(
+                f"X has {Z.shape[1]} columns, but {type(self).__name__} decodes "
+                f"codes of latent_dim={latent_dim}"
+            )
+        return self._decode(np.ascontiguousarray(Z, dtype=np.float32)).astype(
+            Z.dtype, copy=False
+        )
+
+    def _decode(self, Z32: np.ndarray) -> np.ndarray:
+        device = torch.device(self.device_)
+        out = np.empty((Z32.shape[0], self.n_features_in_), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, Z32.shape[0], INFERENCE_BATCH):
+                stop = min(start + INFERENCE_BATCH, Z32.shape[0])
+                z = _rows_tensor(Z32[start:stop], device)
+                out[start:stop] = self.network_.decode(z).cpu().numpy()
+        return out
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Output feature names ``latent_0, ..., latent_{latent_dim-1}``.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Only checked for consistency with ``feature_names_in_``.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects of shape (latent_dim,)
+            The latent column names.
+        """
+        check_is_fitted(self)
+        _check_feature_names_in(self, input_features)
+        return np.asarray(
+            [f"latent_{i}" for i in range(self.network_.latent_dim)], dtype=object
+        )
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Reconstruction error of each row: higher is more anomalous.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to score.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+            Mean squared error over features (float64 holding the float32 values
+            :meth:`encode_and_score` returns).
+        """
+        X = self._validated(X)
+        _, errors = self._forward(
+            np.ascontiguousarray(X, dtype=np.float32), latent=False, error=True
+        )
+        return errors.astype(np.float64)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Flag anomalies: 1 where the score exceeds ``threshold_``, else 0.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to label.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            0/1 integers (PyOD convention, not scikit-learn's -1/1).
+        """
+        return (self.decision_function(X) > self.threshold_).astype(np.int64)
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Negative mean reconstruction error (higher is better).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to reconstruct.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        score : float
+            ``-mean(decision_function(X))``.
+        """
+        return -float(np.mean(self.decision_function(X)))
+
+    def feature_errors(self, X: Any) -> np.ndarray | pd.DataFrame:
+        """Squared reconstruction error of every cell.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to reconstruct.
+
+        Returns
+        -------
+        errors : ndarray or DataFrame of shape (n_samples, n_features_in_)
+            A DataFrame with ``feature_names_in_`` as columns (and ``X``'s index if
+            ``X`` is a DataFrame) when fitted on a DataFrame, else an ndarray;
+            float32 for float32 input, float64 otherwise. Row means equal
+            :meth:`decision_function`.
+        """
+        index = X.index if isinstance(X, pd.DataFrame) else None
+        X = self._validated(X)
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        device = torch.device(self.device_)
+        out = np.empty_like(X32)
+        with torch.inference_mode():
+            for start in range(0, X32.shape[0], INFERENCE_BATCH):
+                stop = min(start + INFERENCE_BATCH, X32.shape[0])
+                batch = _rows_tensor(X32[start:stop], device)
+                out[start:stop] = (self.network_(batch) - batch).square_().cpu().numpy()
+        errors = out.astype(X.dtype, copy=False)
+        if hasattr(self, "feature_names_in_"):
+            return pd.DataFrame(errors, columns=list(self.feature_names_in_), index=index)
+        return errors
+
+    def encode_and_score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and reconstruction errors in one forward pass: the hot scoring path.
+
+        No pandas and no scikit-learn validation (only a shape check): ``X``
+        should already be a finite float32 array; other dtypes are converted.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples, n_features_in_)
+            Rows to score, float32.
+
+        Returns
+        -------
+        latent : ndarray of shape (n_samples, latent_dim), float32
+            Same values as ``transform(X)``.
+        recon_error : ndarray of shape (n_samples,), float32
+            Same values as ``decision_function(X)``.
+        """
+        check_is_fitted(self)
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has shape {X.shape}, but {type(self).__name__} expects "
+                f"(n_samples, {self.n_features_in_})"
+            )
+        latent, errors = self._forward(X, latent=True, error=True)
+        return latent, errors
+
+    def sample(self, n: int, random_state: Any = None) -> np.ndarray:
+        """Draw new rows from a fitted VAE: decode ``z ~ N(0, I)``.
+
+        Parameters
+        ----------
+        n : int
+            Number of rows to draw.
+        random_state : int, RandomState instance or None, default=None
+            Seeds the draw.
+
+        Returns
+        -------
+        X_new : ndarray of shape (n, n_features_in_), float64
+            Decoder means (no observation noise is added).
+
+        Raises
+        ------
+        ValueError
+            If the estimator was not fitted with ``kind="vae"``.
+        """
+        check_is_fitted(self)
+        if not self.network_.variational:
+            raise ValueError(
+                f"sample needs kind='vae'; this estimator was fitted with "
+                f"kind={self.kind!r}"
+            )
+        if not isinstance(n, Integral) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        seed = int(check_random_state(random_state).randint(0, _SEED_HIGH))
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randn((int(n), self.network_.latent_dim), generator=generator)
+        return self._decode(z.numpy()).astype(np.float64)
+
+    # -- persistence ----------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save to directory ``path`` as ``weights.pt`` and ``estimator.json``.
+
+        ``weights.pt`` is a ``torch.save`` of a flat dict of CPU tensors (the
+        network's state_dict under ``network.*`` and ``decision_scores_``);
+        ``estimator.json`` holds the hyperparameters (not ``epoch_callback``), the
+        architecture, the fitted scalars, the history and the weights' SHA-256.
+        Each file is written to a temporary name and moved into place atomically.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Directory, created if missing.
+
+        Returns
+        -------
+        path : Path
+            The directory.
+        """
+        check_is_fitted(self)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"network.{k}": v.detach().cpu().contiguous()
+            for k, v in self.network_.state_dict().items()
+        }
+        tensors["decision_scores_"] = torch.from_numpy(
+            np.asarray(self.decision_scores_, dtype=np.float64).copy()
+        )
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        weights = buffer.getvalue()
+
+        params = self.get_params(deep=False)
+        params.pop("epoch_callback")
+        params["hidden"] = [int(h) for h in params["hidden"]]
+        random_state = params["random_state"]
+        # A RandomState instance has no JSON form; the fitted weights do not need it.
+        params["random_state"] = (
+            int(random_state) if isinstance(random_state, Integral) else None
+        )
+        names = getattr(self, "feature_names_in_", None)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "params": params,
+            "architecture": self.network_.config(),
+            "fitted": {
+                "n_features_in_": int(self.n_features_in_),
+                "feature_names_in_": None if names is None else [str(c) for c in names],
+                "device_": self.device_,
+                "n_epochs_": int(self.n_epochs_),
+                "best_epoch_": int(self.best_epoch_),
+                "val_loss_": float(self.val_loss_),
+                "threshold_": float(self.threshold_),
+                "history_": {k: [float(v) for v in vs] for k, vs in self.history_.items()},
+            },
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        }
+        _atomic_write(path / WEIGHTS_FILE, weights)
+        _atomic_write(path / META_FILE, json.dumps(meta, indent=1).encode())
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], device: str = "cpu"
+    ) -> AutoencoderReducer:
+        """Load an estimator written by :meth:`save`, without unpickling anything.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Directory holding ``weights.pt`` and ``estimator.json``.
+        device : str, default="cpu"
+            Where the network is placed (a model saved on CUDA loads on CPU); also
+            becomes the loaded estimator's ``device`` parameter.
+
+        Returns
+        -------
+        estimator : AutoencoderReducer
+            A fitted estimator.
+
+        Raises
+        ------
+        ValueError
+            With a one-line message naming the file, if a file is missing, corrupt,
+            tampered with, or inconsistent with the other.
+        """
+        path = Path(path)
+        meta = _read_meta(path)
+        where = f"{META_FILE} in {path}"
+        try:
+            params = dict(meta["params"])
+            params["hidden"] = tuple(params["hidden"])
+            params["device"] = device
+            estimator = cls(**params)
+            estimator._validate_params()
+            network = AutoencoderNetwork.from_config(meta["architecture"])
+            fitted = meta["fitted"]
+            n_features = int(fitted["n_features_in_"])
+            names = fitted["feature_names_in_"]
+            history = {
+                key: [float(v) for v in fitted["history_"][key]]
+                for key in ("train_loss", "val_loss")
+            }
+            scalars = {
+                "n_epochs_": int(fitted["n_epochs_"]),
+                "best_epoch_": int(fitted["best_epoch_"]),
+                "val_loss_": float(fitted["val_loss_"]),
+                "threshold_": float(fitted["threshold_"]),
+            }
+            expected_sha = str(meta["weights_sha256"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{where} is malformed: {_first_line(exc)}") from None
+        if n_features != network.n_features:
+            raise ValueError(
+                f"{where} is inconsistent: n_features_in_={n_features} but the "
+                f"architecture has {network.n_features} inputs"
+            )
+        if names is not None and (
+            len(names) != n_features or not all(isinstance(c, str) for c in names)
+        ):
+            raise ValueError(f"{where} is malformed: bad feature_names_in_")
+
+        tensors = _read_weights(path, expected_sha)
+        where = f"{WEIGHTS_FILE} in {path}"
+        expected = {f"network.{k}": v for k, v in network.state_dict().items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected) - {"decision_scores_"})
+        if missing or unexpected or "decision_scores_" not in tensors:
+            raise ValueError(
+                f"{where} does not match the architecture in {META_FILE}: "
+                f"missing {missing + ([] if 'decision_scores_' in tensors else ['decision_scores_'])}"
+                f", unexpected {unexpected}"
+            )
+        for key, ref in expected.items():
+            if tensors[key].shape != ref.shape or not tensors[key].is_floating_point():
+                raise ValueError(
+                    f"{where} does not match the architecture in {META_FILE}: "
+                    f"{key} has shape {tuple(tensors[key].shape)} "
+                    f"({tensors[key].dtype}), expected {tuple(ref.shape)}"
+                )
+        scores = tensors["decision_scores_"]
+        if scores.ndim != 1 or not scores.is_floating_point():
+            raise ValueError(f"{where} has a malformed decision_scores_ tensor")
+
+        resolved = _resolve_device(device)
+        network.load_state_dict(
+            {k.removeprefix("network."): tensors[k] for k in expected}, strict=True
+        )
+        network.to(resolved).eval()
+        estimator.network_ = network
+        estimator.device_ = str(resolved)
+        estimator.n_features_in_ = n_features
+        if names is not None:
+            estimator.feature_names_in_ = np.asarray(names, dtype=object)
+        estimator.history_ = history
+        for key, value in scalars.items():
+            setattr(estimator, key, value)
+        estimator.decision_scores_ = scores.to(torch.float64).numpy()
+        estimator.labels_ = (estimator.decision_scores_ > estimator.threshold_).astype(
+            np.int64
+        )
+        return estimator
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    where = f"{META_FILE} in {path}"
+    try:
+        text = (path / META_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{where} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where} cannot be read: {_first_line(exc)}") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{where} is not a saved {AutoencoderReducer.__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where} has format_version {meta.get('format_version')!r}; this "
+            f"version reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _read_weights(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
+    where = f"{WEIGHTS_FILE} in {path}"
+    try:
+        data = (path / WEIGHTS_FILE).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{where} is missing") from None
+    except OSError as exc:
+        raise ValueError(f"{where} cannot be read: {_first_line(exc)}") from None
+    try:
+        # weights_only: the unpickler only rebuilds tensors and plain containers,
+        # so a crafted file cannot run code.
+        tensors = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{where} is not a valid weights file: it is not a torch.save archive "
+            "of plain tensors (refused to unpickle it)"
+        ) from None
+    except Exception as exc:
+        raise ValueError(
+            f"{where} is not a valid weights file: {_first_line(exc)}"
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(
+            f"{where} is not a valid weights file: expected a dict of named tensors"
+        )
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise ValueError(
+            f"{where} does not match the checksum recorded in {META_FILE} (the files "
+            "come from different saves or one was modified)"
+        )
+    return tensors

@@ -1,0 +1,217 @@
+"""Torch modules behind :class:`models.estimator.AutoencoderReducer`.
+
+The modules know nothing about training, validation or persistence: the estimator
+builds one lazily in ``fit`` once the number of input features is known, and
+rebuilds one from :meth:`AutoencoderNetwork.config` when loading a saved model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+
+# Bounds the posterior variance exp(logvar) so that a bad step cannot overflow
+# it to inf; the range is far wider than any variance a trained model uses.
+_LOGVAR_MIN = -30.0
+_LOGVAR_MAX = 20.0
+
+
+def _mlp(sizes: Sequence[int], activation: str) -> list[nn.Module]:
+    """Linear layers between consecutive ``sizes``, activated except the last."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return layers
+
+
+class AutoencoderNetwork(nn.Module):
+    """Fully connected autoencoder with a linear output layer.
+
+    The encoder maps ``n_features -> hidden[0] -> ... -> hidden[-1] -> code`` and
+    the decoder mirrors it back to ``n_features``. The output layer is linear
+    because inputs are standardized, not bounded to [0, 1].
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the input and of the reconstruction.
+    latent_dim : int
+        Width of the code.
+    hidden : sequence of int, default=(64, 32)
+        Widths of the encoder's hidden layers; the decoder uses them reversed.
+        Empty gives a shallow autoencoder (one linear map each way).
+    activation : str, default="relu"
+        Hidden-layer activation, a key of ``ACTIVATIONS``.
+    variational : bool, default=False
+        If True the encoder emits ``2 * latent_dim`` values per row, split into the
+        posterior mean and log-variance of a diagonal Gaussian.
+    code_activation : {"relu"} or None, default=None
+        Activation applied to the (non-variational) code, e.g. ReLU so that a
+        sparse autoencoder's zeros are exact zeros.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (64, 32),
+        activation: str = "relu",
+        variational: bool = False,
+        code_activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
+        if code_activation not in (None, "relu"):
+            raise ValueError(
+                f"code_activation must be None or 'relu', got {code_activation!r}"
+            )
+        if variational and code_activation is not None:
+            raise ValueError("a variational code cannot have a code activation")
+        self.n_features = int(n_features)
+        self.latent_dim = int(latent_dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        self.variational = bool(variational)
+        self.code_activation = code_activation
+
+        code_width = 2 * self.latent_dim if self.variational else self.latent_dim
+        encoder = _mlp((self.n_features, *self.hidden, code_width), activation)
+        if code_activation == "relu":
+            encoder.append(nn.ReLU())
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder = nn.Sequential(
+            *_mlp((self.latent_dim, *reversed(self.hidden), self.n_features), activation)
+        )
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-serialisable, for :meth:`from_config`."""
+        return {
+            "n_features": self.n_features,
+            "latent_dim": self.latent_dim,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "variational": self.variational,
+            "code_activation": self.code_activation,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> AutoencoderNetwork:
+        """Rebuild an (untrained) network from :meth:`config`'s output."""
+        return cls(**config)
+
+    def encode_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each of shape (n, latent_dim).
+
+        Only for a variational network.
+        """
+        if not self.variational:
+            raise ValueError("encode_distribution needs a variational network")
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar.clamp(_LOGVAR_MIN, _LOGVAR_MAX)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic code of shape (n, latent_dim); the posterior mean for a VAE."""
+        code = self.encoder(x)
+        if self.variational:
+            return code[..., : self.latent_dim]
+        return code
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of shape (n, n_features) from codes (n, latent_dim)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction ``decode(encode(x))``, shape (n, n_features)."""
+        return self.decoder(self.encode(x))
+
+
+def _gelu_derivative(u: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(u * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * u * u) * 0.3989422804014327
+    return cdf + u * pdf
+
+
+def _silu_derivative(u: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(u)
+    return s * (1.0 + u * (1.0 - s))
+
+
+# d act(u) / du as a function of the pre-activation u, matching the default
+# arguments of the modules in ACTIVATIONS (ELU alpha=1, LeakyReLU slope=0.01,
+# exact-erf GELU).
+ACTIVATION_DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": lambda u: (u > 0).to(u.dtype),
+    "tanh": lambda u: 1.0 - torch.tanh(u).square(),
+    "sigmoid": lambda u: torch.sigmoid(u) * (1.0 - torch.sigmoid(u)),
+    "elu": lambda u: torch.where(u > 0, torch.ones_like(u), torch.exp(u)),
+    "leaky_relu": lambda u: torch.where(
+        u > 0, torch.ones_like(u), torch.full_like(u, 0.01)
+    ),
+    "gelu": _gelu_derivative,
+    "silu": _silu_derivative,
+}
+
+
+def encode_with_jacobian(
+    network: AutoencoderNetwork, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and the squared Frobenius norm of the encoder Jacobian, per row.
+
+    The encoder is ``W_L a(W_{L-1} ... a(W_1 x + b_1) ...) + b_L``, so its exact
+    Jacobian for row i is ``W_L D_{L-1,i} W_{L-1} ... D_{1,i} W_1`` with ``D`` the
+    diagonal of activation derivatives at that row's pre-activations. This builds
+    all rows' Jacobians with batched matrix products, starting from the narrow
+    code side (cost ~ latent_dim backward passes, but in one fused expression and
+    sharing the forward pass that also yields the codes). The result is an ordinary
+    differentiable expression, so plain autograd trains through the penalty;
+    ``tests/test_estimator_variants.py`` checks it against
+    ``torch.autograd.functional.jacobian``.
+
+    Parameters
+    ----------
+    network : AutoencoderNetwork
+        A non-variational network without a code activation.
+    x : torch.Tensor of shape (n, n_features)
+        Input rows.
+
+    Returns
+    -------
+    code : torch.Tensor of shape (n, latent_dim)
+        ``network.encode(x)``.
+    sq_norm : torch.Tensor of shape (n,)
+        ``||d code / d x (x_i)||_F^2`` for each row.
+    """
+    if network.variational or network.code_activation is not None:
+        raise ValueError("encode_with_jacobian needs a plain (linear-code) encoder")
+    linears = [m for m in network.encoder if isinstance(m, nn.Linear)]
+    derivative = ACTIVATION_DERIVATIVES[network.activation]
+    activation = ACTIVATIONS[network.activation]()
+    h = x
+    slopes: list[torch.Tensor] = []
+    for layer in linears[:-1]:
+        pre = layer(h)
+        slopes.append(derivative(pre))
+        h = activation(pre)
+    code = linears[-1](h)
+    jac = linears[-1].weight.expand(x.shape[0], -1, -1)
+    for layer, slope in zip(reversed(linears[:-1]), reversed(slopes), strict=True):
+        jac = (jac * slope.unsqueeze(1)) @ layer.weight
+    return code, jac.square().sum(dim=(1, 2))

@@ -1,0 +1,1619 @@
+"""Ingest a CSV / Parquet source into one typed, validated run-date partition.
+
+:func:`ingest` streams the source block by block (peak memory does not grow with
+the file), types every cell itself (pyarrow reads all cells as raw strings),
+rejects bad rows with a reason instead of failing the run, and writes two
+partitions through :class:`~tasks.storage.StagedPartition`::
+
+    <data_dir>/ingested/<dataset>/run_date=<date>/part-00000.parquet   accepted rows
+    <data_dir>/rejected/<dataset>/run_date=<date>/part-00000.parquet   rejected rows
+
+Both are committed only at the very end, so any failure leaves no partial output
+and earlier partitions untouched. Anything wrong with the input raises an
+:class:`~tasks.errors.InputError` (or ``SchemaError``/``ConfigError``) with a
+one-line message naming the file, the column or row, and what was expected.
+
+Choices worth knowing:
+
+* Delimiter: sniffed from the header line. A comma wins if there is one, else the
+  most frequent of ``;``, tab and ``|`` (with a warning). Semicolon files may use
+  a decimal comma (``12,5``) in numeric columns, as European exports do.
+* Encoding: UTF-8 (BOM or not), UTF-16/UTF-32 with a BOM; anything that is not
+  valid UTF-8 is read as Latin-1, with a warning. NUL bytes or many control
+  characters mean binary data: an error.
+* ``_row_number`` of a rejected CSV row is its record number with the header as
+  1, i.e. its line number unless the file has blank lines or quoted line breaks;
+  for Parquet it is the 1-based row index.
+* ``_row_id`` is a 64-bit hash of the stripped key cells (all cells when there is
+  no key), computed with numpy from the bytes, so it is stable across runs,
+  row order and library versions. Duplicate keys: the first accepted row wins.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from itertools import combinations
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
+from tasks.storage import StagedPartition, validate_dataset_name
+from tasks.validate import (
+    CompiledRule,
+    Parsed,
+    Rule,
+    clean_text,
+    combine_hashes,
+    compile_rules,
+    date_share,
+    hash_text,
+    numeric_share,
+    occurrence_hash,
+    parse_date,
+    parse_numeric,
+    parse_rule,
+    parse_text,
+)
+
+__all__ = [
+    "KINDS",
+    "ROLES",
+    "WEATHERAUS_RULES",
+    "ColumnSpec",
+    "IngestResult",
+    "TableSchema",
+    "ingest",
+]
+
+#: Domain rules that hold on every row of the real weatherAUS.csv (145,460 rows).
+#: Rain: the BoM sets RainToday = Yes iff Rainfall > 1 mm (exactly 1.0 is "No").
+#: Cloud is in oktas 0-8 with 9 = "sky obscured", so the range is 0-9.
+WEATHERAUS_RULES: tuple[str, ...] = (
+    "MinTemp <= MaxTemp",
+    "0 <= Humidity9am <= 100",
+    "0 <= Humidity3pm <= 100",
+    "0 <= Cloud9am <= 9",
+    "0 <= Cloud3pm <= 9",
+    "Rainfall >= 0",
+    "if Rainfall > 1 then RainToday == Yes",
+    "if Rainfall <= 1 then RainToday == No",
+    "RainToday in {No, Yes}",
+    "RainTomorrow in {No, Yes}",
+)
+
+KINDS = ("numeric", "categorical", "date", "text")
+ROLES = ("key", "feature", "label", "excluded")
+
+ROW_ID = "_row_id"
+ROW_NUMBER = "_row_number"
+SOURCE_FILE = "_source_file"
+REJECT_REASON = "_reject_reason"
+RAW_LINE = "_raw_line"  # the raw text of rows that could not be split into fields
+_RESERVED = (ROW_ID, ROW_NUMBER, SOURCE_FILE, REJECT_REASON, RAW_LINE)
+
+PART_NAME = "part-00000.parquet"
+SAMPLE_ROWS = 10_000  # rows used to infer kinds and keys
+_PARSE_SHARE = 0.95  # share of non-null sample cells that must parse as numbers/dates
+_CATEGORICAL_LIMIT = 1000
+_HEAD_BYTES = 1 << 20  # the header must fit in the first MiB
+_DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
+_MAX_KEY_TRIES = 5000
+_PARALLEL_ROWS = 20_000  # smaller blocks parse their columns in one thread
+
+
+# --------------------------------------------------------------------- schema API
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One column: its name, kind and role in the model."""
+
+    name: str
+    kind: str  # "numeric" | "categorical" | "date" | "text"
+    role: str  # "key" | "feature" | "label" | "excluded"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SchemaError(f"column name {self.name!r} is not a non-empty string")
+        if self.kind not in KINDS:
+            raise SchemaError(
+                f"column {self.name!r}: kind {self.kind!r} is not one of {KINDS}"
+            )
+        if self.role not in ROLES:
+            raise SchemaError(
+                f"column {self.name!r}: role {self.role!r} is not one of {ROLES}"
+            )
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-able form."""
+        return {"name": self.name, "kind": self.kind, "role": self.role}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ColumnSpec:
+        """Inverse of :meth:`to_dict`; a malformed entry raises SchemaError."""
+        if not isinstance(d, dict) or not {"name", "kind", "role"} <= d.keys():
+            raise SchemaError(f"schema column {d!r} needs 'name', 'kind' and 'role'")
+        return cls(name=d["name"], kind=d["kind"], role=d["role"])
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """The typed columns of an ingested table, in file order."""
+
+    columns: tuple[ColumnSpec, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "columns", tuple(self.columns))
+        seen = Counter(c.name for c in self.columns)
+        dups = sorted(n for n, k in seen.items() if k > 1)
+        if dups:
+            raise SchemaError(f"schema has duplicated columns: {', '.join(dups)}")
+        labels = [c.name for c in self.columns if c.role == "label"]
+        if len(labels) > 1:
+            raise SchemaError(f"schema has more than one label: {', '.join(labels)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def keys(self) -> list[str]:
+        return [c.name for c in self.columns if c.role == "key"]
+
+    @property
+    def features(self) -> list[str]:
+        return [c.name for c in self.columns if c.role == "feature"]
+
+    @property
+    def numeric_features(self) -> list[str]:
+        return [
+            c.name for c in self.columns if c.role == "feature" and c.kind == "numeric"
+        ]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        return [
+            c.name
+            for c in self.columns
+            if c.role == "feature" and c.kind == "categorical"
+        ]
+
+    @property
+    def label(self) -> str | None:
+        return next((c.name for c in self.columns if c.role == "label"), None)
+
+    def column(self, name: str) -> ColumnSpec:
+        """The spec of ``name`` (KeyError if absent)."""
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(c.name == name for c in self.columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: ``{"columns": [{"name", "kind", "role"}, ...]}``."""
+        return {"columns": [c.to_dict() for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TableSchema:
+        """Inverse of :meth:`to_dict`; a malformed dict raises SchemaError."""
+        if not isinstance(d, dict) or not isinstance(d.get("columns"), list):
+            raise SchemaError("a schema must be a dict with a 'columns' list")
+        return cls(tuple(ColumnSpec.from_dict(c) for c in d["columns"]))
+
+
+@dataclass
+class IngestResult:
+    """What :func:`ingest` did; small and JSON-able (see :meth:`to_dict`)."""
+
+    ingested_dir: str
+    rejected_dir: str
+    rows_in: int
+    rows_accepted: int
+    rows_rejected: int
+    reject_reasons: dict[str, int]  # reason category -> rows (a row may count twice)
+    warnings: list[str]
+    schema: dict[str, Any]
+    source_files: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------ sources
+
+
+class _RetryAsLatin1(Exception):
+    """Internal: a file that looked like UTF-8 is not; rerun reading it as Latin-1."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        super().__init__(str(path))
+        self.path = path
+        self.offset = offset
+
+
+def _resolve_sources(source: str | Path) -> list[Path]:
+    """The data files ``source`` names: a file, a directory of them, or a glob."""
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
+        if not files:
+            raise InputError(
+                f"directory {path} has no data files: expected *.csv, *.csv.gz or"
+                " *.parquet"
+            )
+        return files
+    if path.exists():
+        if not path.is_file():
+            raise InputError(f"input {path} is not a regular file")
+        return [path]
+    if glob.has_magic(text):
+        matches = sorted(Path(p) for p in glob.glob(text))
+        files = [p for p in matches if p.is_file() and _is_data_file(p)]
+        if not files:
+            raise InputError(
+                f"no data files match {text!r}: expected *.csv, *.csv.gz or *.parquet"
+            )
+        return files
+    raise InputError(f"input file {path} does not exist")
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.name.lower().endswith(_DATA_SUFFIXES)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"input file {path} does not exist") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@dataclass
+class _Chunk:
+    """One block of one file: raw string cells, their row numbers, bad rows."""
+
+    raw: pa.RecordBatch
+    row_numbers: np.ndarray  # int64, one per raw row
+    ragged: list[tuple[int, str, int]] = field(default_factory=list)  # no, text, n
+
+
+class _Utf8Stream:
+    """The file's bytes as pyarrow reads them: UTF-8, after the header.
+
+    Plain UTF-8 passes through (validated on the way; pure ASCII skips even
+    that); Latin-1 and UTF-16/32 are transcoded. The first error is kept in
+    :attr:`error` because pyarrow may hit it while reading ahead.
+    """
+
+    closed = False
+
+    def __init__(self, raw: BinaryIO, prefix: bytes, encoding: str) -> None:
+        self._raw = raw
+        self._pending = prefix
+        self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+        self._passthrough = encoding == "utf-8"
+        self._out = b""
+        self._eof = False
+        self._at_start = True
+        self.raw_bytes = 0
+        self.bad_offset = -1
+        self.tail = b""
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _convert(self, n: int) -> bytes:
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+        else:
+            chunk = self._raw.read(n)
+        final = not chunk
+        self._eof = final
+        self.raw_bytes += len(chunk)
+        try:
+            if not self._passthrough:
+                return self._decoder.decode(chunk, final).encode("utf-8")
+            if final or not chunk.isascii() or self._decoder.getstate()[0]:
+                self._decoder.decode(chunk, final)  # validation only
+        except UnicodeDecodeError as exc:
+            self.bad_offset = self.raw_bytes - len(chunk) + exc.start
+            raise
+        if self._at_start and chunk:
+            self._at_start = False
+            chunk = chunk.removeprefix(codecs.BOM_UTF8)
+        return chunk
+
+    def _fill(self, n: int) -> None:
+        try:
+            while len(self._out) < n and not self._eof:
+                self._out += self._convert(max(n - len(self._out), 1 << 16))
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def skip(self, n: int) -> None:
+        self._fill(n)
+        self._out = self._out[n:]
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        self._fill(n)
+        out, self._out = self._out[:n], self._out[n:]
+        if out:
+            self.tail = (self.tail + out)[-16:]
+        return out
+
+
+def _sniff_encoding(head: bytes, whole: bool) -> tuple[str, str | None]:
+    """(codec, warning) for the head of a file."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32", None
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16", None
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(head, whole)
+        return "utf-8", None
+    except UnicodeDecodeError as exc:
+        return "latin-1", f"not valid UTF-8 at byte {exc.start}"
+
+
+def _sniff_delimiter(line: str) -> str:
+    if "," in line:
+        return ","
+    counts = {d: line.count(d) for d in (";", "\t", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _read_header(text: str, delimiter: str) -> tuple[list[str], int]:
+    """The first non-blank record and how many characters it (and blanks) took."""
+    consumed = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal consumed
+        for line in io.StringIO(text, newline=""):
+            consumed += len(line)
+            yield line
+
+    reader = csv.reader(lines(), delimiter=delimiter, quotechar='"', strict=False)
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            return row, consumed
+    return [], consumed
+
+
+def _clean_names(names: list[str], path: Path, warnings: list[str]) -> list[str]:
+    """Strip header names, name blank ones, refuse duplicates and reserved ones."""
+    out = []
+    for i, name in enumerate(names):
+        name = name.strip().lstrip("\ufeff").strip()
+        if not name:
+            name = f"unnamed_{i}"
+            warnings.append(f"{path}: column {i + 1} has no name; called it {name!r}")
+        out.append(name)
+    counts = Counter(out)
+    dups = [n for n in counts if counts[n] > 1]
+    if dups:
+        cols = {n: [str(i + 1) for i, m in enumerate(out) if m == n] for n in dups}
+        where = "; ".join(f"{n!r} (columns {', '.join(cols[n])})" for n in dups)
+        raise InputError(f"{path}: duplicated column names in the header: {where}")
+    reserved = [n for n in out if n in _RESERVED]
+    if reserved:
+        raise InputError(
+            f"{path}: column name {reserved[0]!r} is reserved for ingestion output;"
+            " rename it"
+        )
+    return out
+
+
+class _CsvSource:
+    """A CSV file (plain or gzip'd, any supported encoding), read block by block."""
+
+    kind = "csv"
+
+    def __init__(
+        self, path: Path, fh: BinaryIO, block_size: int, latin1: int | None
+    ) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+        self._fh = fh
+        raw: BinaryIO = fh
+        if fh.read(2) == b"\x1f\x8b":
+            raw = gzip.GzipFile(fileobj=fh, mode="rb")  # type: ignore[assignment]
+        fh.seek(0)
+        self._raw = raw
+        try:
+            head = raw.read(_HEAD_BYTES)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(
+                f"{path}: corrupt or truncated gzip data ({_first_line(exc)})"
+            ) from None
+        whole = len(head) < _HEAD_BYTES
+        if not head:
+            raise InputError(f"{path} is empty")
+        if head.startswith(b"PK\x03\x04"):
+            raise InputError(
+                f"{path} is a zip archive (an Excel workbook?); expected CSV, CSV.gz"
+                " or Parquet"
+            )
+        encoding, why = _sniff_encoding(head, whole)
+        if latin1 is not None and encoding == "utf-8":
+            encoding, why = "latin-1", f"not valid UTF-8 at byte {latin1}"
+        text = head.decode(
+            "utf-8-sig" if encoding == "utf-8" else encoding, errors="replace"
+        )
+        self._check_text(text, head)
+        if why:
+            self.warnings.append(f"{path}: {why}; decoded it as Latin-1")
+        if not text.strip():
+            raise InputError(f"{path} is empty (only blank lines)")
+        first_line = next((ln for ln in text.splitlines() if ln.strip()), "")
+        self.delimiter = _sniff_delimiter(first_line)
+        if self.delimiter != ",":
+            self.warnings.append(
+                f"{path}: no comma in the header; using {self.delimiter!r} as the"
+                " delimiter"
+                + (" (decimal commas accepted)" if self.delimiter == ";" else "")
+            )
+        try:
+            header, consumed = _read_header(text, self.delimiter)
+        except csv.Error as exc:
+            raise InputError(
+                f"{path}: cannot read the header row ({_first_line(exc)})"
+            ) from None
+        if not header:
+            raise InputError(f"{path} is empty (only blank lines)")
+        if any("\n" in h or "\r" in h for h in header) or (
+            consumed >= len(text) and not whole
+        ):
+            raise InputError(
+                f'{path}: the header row never ends: a quote (") is not closed, or'
+                f" the header is longer than {_HEAD_BYTES} bytes"
+            )
+        self.names = _clean_names(header, path, self.warnings)
+        self.encoding = encoding
+        self.stream = _Utf8Stream(raw, head, encoding)
+        self.stream.skip(len(text[:consumed].encode("utf-8")))
+        # A block must hold a whole row; tiny test blocks still stream.
+        longest = max((len(ln) for ln in text.splitlines()[:1000]), default=0)
+        self.block_size = max(
+            int(block_size), 2 * len(text[:consumed]), 4 * longest, 64
+        )
+
+    def _check_text(self, text: str, head: bytes) -> None:
+        sample = text[: 1 << 16]
+        controls = len(_CONTROL_RE.findall(sample))
+        if "\x00" in text or controls > max(8, len(sample) // 100):
+            # ASCII text in UTF-16 is every other byte NUL.
+            nul_share = head[: 1 << 16].count(0) / max(1, min(len(head), 1 << 16))
+            hint = (
+                " (UTF-16 without a byte-order mark?)" if 0.4 < nul_share < 0.6 else ""
+            )
+            raise InputError(
+                f"{self.path} does not look like CSV text: it contains binary data"
+                f"{hint}; expected UTF-8/Latin-1 text, .csv.gz or Parquet"
+            )
+
+    def close(self) -> None:
+        self._raw.close()
+        self._fh.close()
+
+    def chunks(self) -> Iterator[_Chunk]:
+        """Blocks of raw string cells; rows with a wrong field count come aside."""
+        pending: list[tuple[int, str, int]] = []
+
+        def on_invalid(row: Any) -> str:
+            number = row.number if row.number is not None else -1
+            pending.append((number, row.text, row.actual_columns))
+            return "skip"
+
+        names = self.names
+        next_no = 1  # pyarrow numbers data records from 1 (the header is skipped)
+        last: pa.RecordBatch | None = None
+        try:
+            reader = pacsv.open_csv(
+                self.stream,
+                read_options=pacsv.ReadOptions(
+                    use_threads=False,  # the serial reader numbers invalid rows
+                    block_size=self.block_size,
+                    column_names=names,
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=self.delimiter,
+                    quote_char='"',
+                    double_quote=True,
+                    escape_char=False,
+                    newlines_in_values=True,
+                    ignore_empty_lines=True,
+                    invalid_row_handler=on_invalid,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names},
+                    null_values=[],
+                    true_values=[],
+                    false_values=[],
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                    check_utf8=False,  # _Utf8Stream already guarantees it
+                ),
+            )
+            for batch in reader:
+                numbers, ragged = _number_rows(next_no, batch.num_rows, pending)
+                self._check_ragged(ragged)
+                next_no += batch.num_rows + len(ragged)
+                if batch.num_rows:
+                    last = batch
+                # Header = row 1, so data record k is row k + 1.
+                yield _Chunk(batch, numbers + 1, [(n + 1, t, c) for n, t, c in ragged])
+        except (LatentflowError, _RetryAsLatin1):
+            raise
+        except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError) as exc:
+            if self.stream.error is None and "Empty CSV" in str(exc):
+                return  # nothing after the header (the caller reports no rows)
+            raise self._error(exc, next_no) from None
+        if pending:
+            self._check_ragged(pending)
+            yield _Chunk(
+                _empty_batch(names),
+                np.zeros(0, np.int64),
+                [(n + 1 if n > 0 else n, t, c) for n, t, c in pending],
+            )
+        self._check_tail(last, next_no)
+
+    def _check_ragged(self, ragged: list[tuple[int, str, int]]) -> None:
+        for number, text, _ in ragged:
+            if ("\n" in text or "\r" in text) and text.count('"') % 2:
+                where = f"row {number + 1}" if number > 0 else "its last row"
+                raise InputError(
+                    f'{self.path}: a quote (") opened in {where} is never closed; the'
+                    " rest of the file was read as one cell"
+                )
+
+    def _check_tail(self, last: pa.RecordBatch | None, next_no: int) -> None:
+        # An unclosed quote in the last cell swallows the rest of the file and
+        # still yields a well-formed row; only the missing closing quote shows it.
+        if last is None:
+            return
+        cell = last.column(last.num_columns - 1)[-1].as_py() or ""
+        if cell[-1:] in ("\n", "\r") and not self.stream.tail.rstrip(b"\r\n").endswith(
+            b'"'
+        ):
+            raise InputError(
+                f'{self.path}: a quote (") opened near row {next_no} is never closed;'
+                " the rest of the file was read as one cell"
+            )
+
+    def _error(self, exc: BaseException, next_no: int) -> LatentflowError:
+        err = self.stream.error or exc
+        after = f"after row {next_no}"
+        if isinstance(err, UnicodeDecodeError):
+            if self.encoding == "utf-8":
+                raise _RetryAsLatin1(self.path, self.stream.bad_offset)
+            return InputError(f"{self.path}: not valid {self.encoding} text {after}")
+        if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
+            return InputError(
+                f"{self.path}: corrupt or truncated gzip data {after}"
+                f" ({_first_line(err)})"
+            )
+        if isinstance(err, OSError) and not isinstance(err, pa.ArrowException):
+            return InputError(f"cannot read {self.path}: {err.strerror or err}")
+        msg = _first_line(err)
+        if "straddl" in msg:
+            return InputError(
+                f"{self.path}: a row {after} is longer than the block size"
+                f' ({self.block_size} bytes): most likely a quote (") is never'
+                " closed (or raise block_size)"
+            )
+        return InputError(f"{self.path}: cannot parse the CSV {after}: {msg}")
+
+
+# C0/C1 control characters other than tab and line breaks: text files have none.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _number_rows(
+    start: int, n: int, pending: list[tuple[int, str, int]]
+) -> tuple[np.ndarray, list[tuple[int, str, int]]]:
+    """Record numbers of a batch's ``n`` rows, and the skipped rows among them.
+
+    pyarrow reports the record number of every skipped (ragged) row but not of
+    the rows it returns; the batch holds the first ``n`` numbers from ``start``
+    that were not skipped. Skipped rows may already include later blocks'
+    (pyarrow reads ahead), so only those below the batch's end are taken.
+    """
+    skipped = np.array([p[0] for p in pending if p[0] > 0], dtype=np.int64)
+    k = 0
+    while True:
+        end = start + n + k
+        kk = int(np.count_nonzero(skipped < end))
+        if kk == k:
+            break
+        k = kk
+    numbers = np.arange(start, start + n + k, dtype=np.int64)
+    if k:
+        numbers = numbers[~np.isin(numbers, skipped[:k])]
+    taken = [p for p in pending if 0 < p[0] < start + n + k]
+    pending[:] = [p for p in pending if not 0 < p[0] < start + n + k]
+    return numbers, taken
+
+
+def _empty_batch(names: Sequence[str]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array([], pa.string()) for _ in names], names=list(names)
+    )
+
+
+class _ParquetSource:
+    """A Parquet file, read as record batches with every column cast to text."""
+
+    kind = "parquet"
+    delimiter = ","
+
+    def __init__(self, path: Path, fh: BinaryIO, block_size: int) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+        self._fh = fh
+        try:
+            self._file = pq.ParquetFile(fh)
+            schema = self._file.schema_arrow
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            fh.close()
+            raise InputError(
+                f"{path} is not a readable Parquet file ({_first_line(exc)})"
+            ) from None
+        nested = [
+            f.name
+            for f in schema
+            if pa.types.is_nested(f.type) and not pa.types.is_dictionary(f.type)
+        ]
+        if nested:
+            raise InputError(
+                f"{path}: columns {', '.join(nested)} are nested (list/struct/map);"
+                " expected flat columns"
+            )
+        self.names = _clean_names(list(schema.names), path, self.warnings)
+        self._batch_rows = max(1, min(1 << 17, int(block_size) // 64))
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def chunks(self) -> Iterator[_Chunk]:
+        first = 1
+        try:
+            for batch in self._file.iter_batches(
+                batch_size=self._batch_rows, use_threads=False
+            ):
+                cols = [_as_text(batch.column(i)) for i in range(batch.num_columns)]
+                raw = pa.RecordBatch.from_arrays(cols, names=self.names)
+                yield _Chunk(
+                    raw, np.arange(first, first + raw.num_rows, dtype=np.int64)
+                )
+                first += raw.num_rows
+        except LatentflowError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise InputError(
+                f"{self.path}: cannot read Parquet data after row {first - 1}"
+                f" ({_first_line(exc)})"
+            ) from None
+
+
+def _as_text(col: pa.Array) -> pa.Array:
+    # Typed Parquet columns go through the same text path as CSV cells, so ids
+    # and checks agree; floats print shortest-roundtrip, NaN as "nan" (missing).
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    return col if col.type == pa.string() else pc.cast(col, pa.string())
+
+
+def _open_source(
+    path: Path, block_size: int, latin1: int | None
+) -> _CsvSource | _ParquetSource:
+    fh = _open_binary(path)
+    try:
+        magic = fh.read(4)
+        fh.seek(0)
+        if magic == b"PAR1":
+            return _ParquetSource(path, fh, block_size)
+        return _CsvSource(path, fh, block_size, latin1)
+    except BaseException:
+        fh.close()
+        raise
+
+
+# ------------------------------------------------------------------ dedup and ids
+
+
+class _SeenSet:
+    """Hashes of accepted rows so far, with where each was first seen.
+
+    Sorted numpy runs merged LSM-style (8 bytes per row, +8 with positions),
+    never a Python object per row; a lookup is one searchsorted per run.
+    """
+
+    def __init__(self, with_positions: bool) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._with_positions = with_positions
+
+    def lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = np.zeros(len(h), bool)
+        where = np.full(len(h), -1, np.int64)
+        for keys, pos in self._runs:
+            i = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
+            hit = (keys[i] == h) & ~found
+            found |= hit
+            if pos is not None:
+                where[hit] = pos[i[hit]]
+        return found, where
+
+    def add_sorted(self, keys: np.ndarray, pos: np.ndarray | None) -> None:
+        """Add new hashes, already sorted and not yet in the set."""
+        if not len(keys):
+            return
+        self._runs.append((keys, pos if self._with_positions else None))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(
+            self._runs[-1][0]
+        ):
+            (k1, p1), (k2, p2) = self._runs[-2:]
+            # Merge two sorted runs: where each of k2 lands among k1.
+            at = np.searchsorted(k1, k2, side="right") + np.arange(len(k2))
+            second = np.zeros(len(k1) + len(k2), bool)
+            second[at] = True
+            merged = np.empty(len(second), np.uint64)
+            merged[second], merged[~second] = k2, k1
+            mpos = None
+            if p1 is not None and p2 is not None:
+                mpos = np.empty(len(second), np.int64)
+                mpos[second], mpos[~second] = p2, p1
+            self._runs[-2:] = [(merged, mpos)]
+
+
+_FILE_SHIFT = 40  # positions pack (file index, row number) into one int64
+
+
+@dataclass
+class _Problem:
+    mask: np.ndarray
+    category: str
+    describe: Callable[[np.ndarray], list[str]]
+
+
+# ----------------------------------------------------------------------- ingestion
+
+
+def ingest(
+    source: str | Path,
+    data_dir: Path,
+    dataset: str,
+    run_date: date,
+    *,
+    keys: Sequence[str] | None = None,
+    features: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    label: str | None = None,
+    rules: Sequence[str] = (),
+    expected_schema: dict | None = None,
+    max_reject_fraction: float = 0.05,
+    block_size: int = 8 << 20,
+) -> IngestResult:
+    """Validate, type and write one run date's input as ingested/rejected partitions.
+
+    Parameters
+    ----------
+    source
+        A CSV (optionally ``.gz``), a Parquet file, a directory of them, or a glob.
+        Several files are read as one dataset, in sorted order, and must share
+        the header.
+    data_dir, dataset, run_date
+        Where the partitions go (see :mod:`tasks.storage`).
+    keys
+        Key columns; ``None`` infers them (first date column plus the fewest
+        categorical columns unique in the sample), ``[]`` means no key.
+    features
+        Feature columns; ``None`` means every column that is not a key, the
+        label, excluded, free text or a (non-key) date.
+    exclude
+        Columns kept in the output but not used as features.
+    label
+        The label column, if any.
+    rules
+        Domain rules (see :mod:`tasks.validate`); violating rows are rejected.
+    expected_schema
+        A model's input schema (``TableSchema.to_dict()``): it fixes kinds and
+        roles; its keys and features must be present (else SchemaError); other
+        input columns are dropped with a warning.
+    max_reject_fraction
+        More rejected rows than this share fails the run (nothing is written).
+    block_size
+        Bytes per CSV block; memory use is a few blocks, whatever the file size.
+
+    Returns
+    -------
+    IngestResult
+
+    Raises
+    ------
+    InputError, SchemaError, ConfigError
+        With a one-line message; no partition is written or changed.
+    """
+    keys, features, exclude, rules = (
+        _names_arg(keys),
+        _names_arg(features),
+        _names_arg(exclude) or [],
+        _names_arg(rules) or [],
+    )
+    validate_dataset_name(dataset)
+    if not isinstance(run_date, date):
+        raise ConfigError(f"run_date {run_date!r} is not a date")
+    if not 0.0 <= float(max_reject_fraction) <= 1.0:
+        raise ConfigError(
+            f"max_reject_fraction {max_reject_fraction!r} must be between 0 and 1"
+        )
+    if int(block_size) < 1:
+        raise ConfigError(f"block_size {block_size!r} must be a positive byte count")
+    parsed_rules = [parse_rule(r) for r in rules]
+    expected = TableSchema.from_dict(expected_schema) if expected_schema else None
+    files = _resolve_sources(source)
+    latin1: dict[Path, int] = {}  # files to read as Latin-1 -> first bad byte
+    while True:
+        job = _Ingestion(
+            source=str(source),
+            files=files,
+            data_dir=Path(data_dir),
+            dataset=dataset,
+            run_date=run_date,
+            keys=keys,
+            features=features,
+            exclude=exclude,
+            label=label,
+            rules=parsed_rules,
+            expected=expected,
+            max_reject_fraction=float(max_reject_fraction),
+            block_size=int(block_size),
+            latin1=latin1,
+        )
+        try:
+            return job.run()
+        except _RetryAsLatin1 as retry:
+            if retry.path in latin1:  # cannot happen: Latin-1 decodes any byte
+                raise InputError(f"{retry.path}: cannot decode the text") from None
+            latin1[retry.path] = retry.offset
+        except OSError as exc:  # writing the partitions (reading maps its own)
+            raise LatentflowError(
+                f"cannot write the {dataset} partitions under {data_dir}:"
+                f" {_first_line(exc)}"
+            ) from None
+
+
+def _names_arg(value: Any) -> list[str] | None:
+    # A lone string is one name (or rule), not a sequence of characters.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+class _Ingestion:
+    """One attempt at :func:`ingest`; state for the streaming loop."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        files: list[Path],
+        data_dir: Path,
+        dataset: str,
+        run_date: date,
+        keys: list[str] | None,
+        features: list[str] | None,
+        exclude: list[str],
+        label: str | None,
+        rules: list[Rule],
+        expected: TableSchema | None,
+        max_reject_fraction: float,
+        block_size: int,
+        latin1: dict[Path, int],
+    ) -> None:
+        self.source = source
+        self.files = files
+        self.data_dir = data_dir
+        self.dataset = dataset
+        self.run_date = run_date
+        self.keys_arg = keys
+        self.features_arg = features
+        self.exclude = exclude
+        self.label_arg = label
+        self.rules_parsed = rules
+        self.expected = expected
+        self.max_reject_fraction = max_reject_fraction
+        self.block_size = block_size
+        self.latin1 = latin1
+        self.warnings: list[str] = []
+        self.rows_in = 0
+        self.rows_accepted = 0
+        self.rows_rejected = 0
+        self.reasons: Counter[str] = Counter()
+        self.file_rows: list[int] = [0] * len(files)
+        self.delimiters: list[str] = [","] * len(files)
+        self.kinds: list[str] = ["csv"] * len(files)
+        self.stats: dict[str, list[Any]] = {}
+        self.dup_counts: dict[int, int] = {}
+
+    # -------------------------------------------------------------- orchestration
+
+    def run(self) -> IngestResult:
+        first = _open_source(
+            self.files[0], self.block_size, self.latin1.get(self.files[0])
+        )
+        stream = self._chunks(first)
+        try:
+            self.names = first.names
+            self._check_required(first.path)
+            sample, buffered = self._sample(stream)
+            self.schema = self._build_schema(sample, first.path)
+            kinds = {c.name: c.kind for c in self.schema.columns}
+            self.rules = compile_rules(self.rules_parsed, kinds)
+            self.raw_index = {n: i for i, n in enumerate(self.names)}
+            key_cols = self.schema.keys
+            self.id_columns = key_cols or self.schema.names
+            self.seen = _SeenSet(with_positions=bool(key_cols))
+            with (
+                StagedPartition(
+                    self.data_dir, "ingested", self.dataset, self.run_date
+                ) as ing,
+                StagedPartition(
+                    self.data_dir, "rejected", self.dataset, self.run_date
+                ) as rej,
+            ):
+                self._open_writers(ing.file(PART_NAME), rej.file(PART_NAME))
+                try:
+                    for fi, chunk in _chain(buffered, stream):
+                        self._process(fi, chunk)
+                finally:
+                    self._close_writers()
+                    self.io.shutdown(wait=True)
+                    if self.pool is not None:
+                        self.pool.shutdown(wait=True)
+                self._finish()
+                ing.commit()
+                rej.commit()
+        finally:
+            stream.close()
+            first.close()
+        return IngestResult(
+            ingested_dir=str(ing.final),
+            rejected_dir=str(rej.final),
+            rows_in=self.rows_in,
+            rows_accepted=self.rows_accepted,
+            rows_rejected=self.rows_rejected,
+            reject_reasons=dict(self.reasons.most_common()),
+            warnings=self.warnings,
+            schema=self.schema.to_dict(),
+            source_files=[str(p) for p in self.files],
+        )
+
+    def _chunks(
+        self, first: _CsvSource | _ParquetSource
+    ) -> Iterator[tuple[int, _Chunk]]:
+        """All files' chunks in order; each later header must match the first."""
+        for fi, path in enumerate(self.files):
+            src = (
+                first
+                if fi == 0
+                else _open_source(path, self.block_size, self.latin1.get(path))
+            )
+            try:
+                if src.names != self.names:
+                    raise InputError(
+                        _header_mismatch(path, src.names, self.files[0], self.names)
+                    )
+                self.warnings += src.warnings
+                self.delimiters[fi] = src.delimiter
+                self.kinds[fi] = src.kind
+                for chunk in src.chunks():
+                    yield fi, chunk
+            finally:
+                src.close()
+
+    def _sample(
+        self, stream: Iterator[tuple[int, _Chunk]]
+    ) -> tuple[dict[str, pa.Array], list[tuple[int, _Chunk]]]:
+        """Buffer chunks until SAMPLE_ROWS rows; their first rows, per column."""
+        buffered: list[tuple[int, _Chunk]] = []
+        rows = 0
+        for item in stream:
+            buffered.append(item)
+            rows += item[1].raw.num_rows
+            if rows >= SAMPLE_ROWS:
+                break
+        batches = [c.raw for _, c in buffered if c.raw.num_rows]
+        sample = {}
+        for i, name in enumerate(self.names):
+            cols = [b.column(i) for b in batches] or [pa.array([], pa.string())]
+            sample[name] = pa.concat_arrays(cols).slice(0, SAMPLE_ROWS)
+        return sample, buffered
+
+    # ------------------------------------------------------------------- schema
+
+    def _check_required(self, path: Path) -> None:
+        present = set(self.names)
+        if self.expected is not None:
+            exp = self.expected
+            missing = [c for c in exp.keys + exp.features if c not in present]
+            if missing:
+                raise SchemaError(
+                    f"{path} lacks columns the expected schema requires:"
+                    f" {', '.join(missing)}"
+                )
+            for arg, want, what in (
+                (self.keys_arg, exp.keys, "keys"),
+                (self.features_arg, exp.features, "features"),
+            ):
+                if arg is not None and list(arg) != want:
+                    raise ConfigError(
+                        f"{what} {list(arg)} conflict with the expected schema's"
+                        f" {what} {want}"
+                    )
+            if self.label_arg is not None and self.label_arg != exp.label:
+                raise ConfigError(
+                    f"label {self.label_arg!r} conflicts with the expected schema's"
+                    f" label {exp.label!r}"
+                )
+            return
+        shown = ", ".join(self.names[:30]) + (" ..." if len(self.names) > 30 else "")
+        for what, names in (
+            ("key", self.keys_arg or []),
+            ("feature", self.features_arg or []),
+            ("label", [self.label_arg] if self.label_arg else []),
+        ):
+            for name in names:
+                if name not in present:
+                    raise InputError(
+                        f"{path}: {what} column {name!r} not found; the header has:"
+                        f" {shown}"
+                    )
+        roles = Counter(
+            [
+                *(self.keys_arg or []),
+                *(self.features_arg or []),
+                *self.exclude,
+                *([self.label_arg] if self.label_arg else []),
+            ]
+        )
+        clash = [n for n, k in roles.items() if k > 1]
+        if clash:
+            raise ConfigError(
+                f"column {clash[0]!r} is given more than one role (keys, features,"
+                " exclude, label)"
+            )
+        unknown = [n for n in self.exclude if n not in present]
+        if unknown:
+            self.warnings.append(
+                f"exclude names columns not in the input: {', '.join(unknown)}"
+            )
+
+    def _build_schema(self, sample: dict[str, pa.Array], path: Path) -> TableSchema:
+        if self.expected is not None:
+            exp = self.expected
+            extra = [n for n in self.names if n not in exp]
+            if extra:
+                self.warnings.append(
+                    f"{path}: columns not in the expected schema are ignored:"
+                    f" {', '.join(extra)}"
+                )
+            absent = [n for n in exp.names if n not in set(self.names)]
+            if absent:
+                self.warnings.append(
+                    f"{path}: optional schema columns are absent: {', '.join(absent)}"
+                )
+            return TableSchema(tuple(exp.column(n) for n in self.names if n in exp))
+        clean = {n: clean_text(a) for n, a in sample.items()}
+        kinds = {n: self._infer_kind(clean[n]) for n in self.names}
+        keys = self.keys_arg
+        if keys is None:
+            keys = self._infer_keys(clean, kinds)
+        features = self.features_arg
+        specs = []
+        for name in self.names:
+            kind = kinds[name]
+            if name in keys:
+                role = "key"
+            elif name == self.label_arg:
+                role = "label"
+            elif name in self.exclude:
+                role = "excluded"
+            elif features is not None:
+                role = "feature" if name in features else "excluded"
+                if role == "feature" and kind == "text":
+                    kind = "categorical"  # asked for as a feature: treat as one
+            else:
+                role = "excluded" if kind in ("text", "date") else "feature"
+            specs.append(ColumnSpec(name, kind, role))
+        return TableSchema(tuple(specs))
+
+    def _infer_kind(self, text: pa.Array) -> str:
+        n = len(text) - text.null_count
+        if n == 0:
+            return "numeric"  # nothing to go by; flagged as entirely missing later
+        if numeric_share(text, self.delimiters[0] == ";") >= _PARSE_SHARE:
+            return "numeric"
+        if date_share(text) >= _PARSE_SHARE:
+            return "date"
+        distinct = pc.count_distinct(text).as_py()
+        limit = max(20, min(_CATEGORICAL_LIMIT, n // 2))
+        return "categorical" if distinct <= limit else "text"
+
+    def _infer_keys(
+        self, clean: dict[str, pa.Array], kinds: dict[str, str]
+    ) -> list[str]:
+        usable = [
+            n
+            for n in self.names
+            if n not in self.exclude
+            and n != self.label_arg
+            and clean[n].null_count == 0
+            and len(clean[n])
+        ]
+        dates = [n for n in usable if kinds[n] == "date"]
+        rows = len(clean[self.names[0]])
+        if not dates:
+            self.warnings.append(
+                "no key columns (no date column): _row_id hashes whole rows"
+            )
+            return []
+        cats = [n for n in usable if kinds[n] == "categorical"]
+        hashes = {n: hash_text(clean[n]) for n in [dates[0], *cats]}
+        tries = 0
+        for size in range(4):
+            for combo in combinations(cats, size):
+                tries += 1
+                if tries > _MAX_KEY_TRIES:
+                    break
+                h = combine_hashes([hashes[dates[0]], *[hashes[c] for c in combo]])
+                if len(np.unique(h)) == len(h):
+                    keys = [dates[0], *combo]
+                    self.warnings.append(
+                        f"keys inferred from the first {rows} rows:"
+                        f" ({', '.join(keys)}); pass keys=[...] to set them"
+                    )
+                    return keys
+        self.warnings.append(
+            f"no key columns: no date/categorical combination is unique in the first"
+            f" {rows} rows; _row_id hashes whole rows"
+        )
+        return []
+
+    # ------------------------------------------------------------------ writing
+
+    def _open_writers(self, ingested: Path, rejected: Path) -> None:
+        fields = [pa.field(ROW_ID, pa.int64(), nullable=False)]
+        for c in self.schema.columns:
+            fields.append(pa.field(c.name, _ARROW_TYPES[c.kind]))
+        meta = {
+            "latentflow.schema": json.dumps(self.schema.to_dict()),
+            "latentflow.source": self.source,
+            "latentflow.source_files": json.dumps([str(p) for p in self.files]),
+        }
+        self.out_schema = pa.schema(fields, metadata=meta)
+        self.rej_schema = pa.schema(
+            [
+                pa.field(ROW_NUMBER, pa.int64()),
+                pa.field(SOURCE_FILE, pa.string()),
+                pa.field(REJECT_REASON, pa.string()),
+                *[pa.field(n, pa.string()) for n in self.names],
+                pa.field(RAW_LINE, pa.string()),
+            ],
+            metadata={"latentflow.source": self.source},
+        )
+        self.writer = pq.ParquetWriter(ingested, self.out_schema)
+        self.rej_writer = pq.ParquetWriter(rejected, self.rej_schema)
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write")
+        self.writes: list[Future[None]] = []
+        workers = min(4, os.cpu_count() or 1)
+        self.pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-parse")
+            if workers > 1
+            else None
+        )
+
+    def _write(self, writer: pq.ParquetWriter, batch: pa.RecordBatch) -> None:
+        """Write in the background, in order, while the next block is parsed."""
+        self.writes.append(self.io.submit(writer.write_batch, batch))
+        while len(self.writes) > 2:  # bounds the blocks held in memory
+            self.writes.pop(0).result()
+
+    def _close_writers(self) -> None:
+        try:
+            for f in self.writes:
+                f.result()
+        finally:
+            self.writes = []
+            for w in (self.writer, self.rej_writer):
+                w.close()
+
+    # --------------------------------------------------------------- processing
+
+    def _process(self, fi: int, chunk: _Chunk) -> None:
+        raw = chunk.raw
+        n = raw.num_rows
+        self.rows_in += n + len(chunk.ragged)
+        self.file_rows[fi] += n + len(chunk.ragged)
+        if chunk.ragged:
+            self._reject_ragged(fi, chunk.ragged)
+        if n == 0:
+            return
+        decimal_comma = self.delimiters[fi] == ";"
+
+        def parse(spec: ColumnSpec) -> Parsed:
+            col = raw.column(self.raw_index[spec.name])
+            if spec.kind == "numeric":
+                return parse_numeric(col, decimal_comma)
+            if spec.kind == "date":
+                return parse_date(col)
+            return parse_text(col)
+
+        specs = self.schema.columns
+        # Arrow kernels release the GIL: big blocks parse their columns in parallel.
+        if n >= _PARALLEL_ROWS and self.pool is not None:
+            results = list(self.pool.map(parse, specs))
+        else:
+            results = [parse(spec) for spec in specs]
+        parsed = {spec.name: p for spec, p in zip(specs, results, strict=True)}
+        problems: list[_Problem] = []
+        for spec, p in zip(specs, results, strict=True):
+            problems += _cell_problems(spec, p)
+        values = {name: p.values for name, p in parsed.items()}
+        for rule in self.rules:
+            broken = rule.violations(values)
+            if broken.any():
+                problems.append(_rule_problem(rule, broken, parsed))
+        bad = np.zeros(n, bool)
+        for prob in problems:
+            bad |= prob.mask
+        ids, dup = self._row_ids(fi, chunk.row_numbers, parsed, ~bad)
+        if dup is not None:
+            problems.append(dup)
+            bad |= dup.mask
+        accepted = np.flatnonzero(~bad)
+        self._write_accepted(accepted, n, ids, parsed)
+        if bad.any():
+            self._write_rejected(fi, chunk, np.flatnonzero(bad), problems)
+
+    def _row_ids(
+        self, fi: int, numbers: np.ndarray, parsed: dict[str, Parsed], ok: np.ndarray
+    ) -> tuple[np.ndarray, _Problem | None]:
+        """Ids for all rows, and the duplicate-key problem among the ``ok`` ones.
+
+        Works on the candidates sorted by hash (one stable argsort): equal
+        hashes are adjacent, the earliest row first, and the new ones come out
+        already sorted for the seen-set.
+        """
+        hashes = combine_hashes([hash_text(parsed[c].text) for c in self.id_columns])
+        cand = np.flatnonzero(ok)
+        keyed = bool(self.schema.keys)
+        # Keyed rows only need each group's earliest row (a cheaper unstable sort
+        # and a reduceat); keyless copies are ranked in file order (stable sort).
+        order = cand[np.argsort(hashes[cand], kind="quicksort" if keyed else "stable")]
+        hs = hashes[order]
+        starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]]) if len(hs) else cand
+        sizes = np.diff(np.r_[starts, len(hs)])
+        found, where = self.seen.lookup(hs)
+        if not keyed:
+            return self._keyless_ids(hashes, order, hs, starts, sizes, found), None
+        earliest = (
+            np.repeat(np.minimum.reduceat(order, starts), sizes) if len(hs) else order
+        )
+        dup = found | (order != earliest)
+        new = ~dup
+        self.seen.add_sorted(
+            hs[new], (np.int64(fi) << _FILE_SHIFT) | numbers[order[new]]
+        )
+        if not dup.any():
+            return hashes, None
+        first_pos = np.where(
+            found, where, (np.int64(fi) << _FILE_SHIFT) | numbers[earliest]
+        )
+        dup_rows = order[dup]
+        mask = np.zeros(len(hashes), bool)
+        mask[dup_rows] = True
+        pos_of = dict(zip(dup_rows.tolist(), first_pos[dup].tolist(), strict=True))
+        keys = self.schema.keys
+
+        def describe(idx: np.ndarray) -> list[str]:
+            cols = [parsed[k].text.take(pa.array(idx)).to_pylist() for k in keys]
+            out = []
+            for j, i in enumerate(idx.tolist()):
+                pos = pos_of[i]
+                ffi, row = pos >> _FILE_SHIFT, pos & ((1 << _FILE_SHIFT) - 1)
+                where_txt = f"row {row}" + (
+                    f" of {self.files[ffi]}" if ffi != fi else ""
+                )
+                vals = ", ".join(str(c[j]) for c in cols)
+                out.append(
+                    f"duplicate key ({', '.join(keys)}) = ({vals}) first seen at"
+                    f" {where_txt}"
+                )
+            return out
+
+        return hashes, _Problem(mask, "duplicate key", describe)
+
+    def _keyless_ids(
+        self,
+        hashes: np.ndarray,
+        order: np.ndarray,
+        hs: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+        found: np.ndarray,
+    ) -> np.ndarray:
+        """Whole-row hashes; the k-th identical row (k > 0) gets a k-salted id."""
+        rank = np.arange(len(hs)) - np.repeat(starts, sizes)
+        prior = np.zeros(len(hs), np.int64)
+        if found.any():
+            prior[found] = [self.dup_counts.get(int(x), 1) for x in hs[found].tolist()]
+        occ = prior + rank
+        ids = hashes.copy()
+        repeat = occ > 0
+        if repeat.any():
+            ids[order[repeat]] = occurrence_hash(hs[repeat], occ[repeat])
+        self.seen.add_sorted(hs[starts][~found[starts]], None)
+        totals = sizes + prior[starts]
+        for s, total in zip(
+            starts[totals > 1].tolist(), totals[totals > 1].tolist(), strict=True
+        ):
+            self.dup_counts[int(hs[s])] = total
+        return ids
+
+    def _write_accepted(
+        self, idx: np.ndarray, n: int, ids: np.ndarray, parsed: dict[str, Parsed]
+    ) -> None:
+        if not len(idx):
+            return
+        everything = len(idx) == n
+        take = None if everything else pa.array(idx)
+        arrays = [
+            pa.array(ids.view(np.int64) if everything else ids[idx].view(np.int64))
+        ]
+        for c in self.schema.columns:
+            values = parsed[c.name].values
+            arr = values if take is None else values.take(take)
+            arrays.append(arr)
+            self._update_stats(c.name, arr)
+        self._write(
+            self.writer, pa.RecordBatch.from_arrays(arrays, schema=self.out_schema)
+        )
+        self.rows_accepted += len(idx)
+
+    def _update_stats(self, name: str, arr: pa.Array) -> None:
+        st = self.stats.setdefault(name, [0, None, None])
+        count = len(arr) - arr.null_count
+        st[0] += count
+        # min/max only matter until they differ (then the column is not constant).
+        if not count or (st[1] is not None and st[1] != st[2]):
+            return
+        mm = pc.min_max(arr)
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        st[1] = lo if st[1] is None else min(st[1], lo)
+        st[2] = hi if st[2] is None else max(st[2], hi)
+
+    def _write_rejected(
+        self, fi: int, chunk: _Chunk, idx: np.ndarray, problems: list[_Problem]
+    ) -> None:
+        reasons: dict[int, list[str]] = {}
+        for prob in problems:
+            rows = np.flatnonzero(prob.mask)
+            if not len(rows):
+                continue
+            self.reasons[prob.category] += len(rows)
+            for i, text in zip(rows.tolist(), prob.describe(rows), strict=True):
+                reasons.setdefault(i, []).append(text)
+        take = pa.array(idx)
+        cols = [chunk.raw.column(i).take(take) for i in range(len(self.names))]
+        self._emit_rejected(
+            chunk.row_numbers[idx],
+            fi,
+            ["; ".join(reasons[i]) for i in idx.tolist()],
+            cols,
+            pa.nulls(len(idx), pa.string()),
+        )
+
+    def _reject_ragged(self, fi: int, ragged: list[tuple[int, str, int]]) -> None:
+        width = len(self.names)
+        rows: list[list[str | None]] = []
+        reasons = []
+        for _, text, found in ragged:
+            try:
+                fields = next(csv.reader([text], delimiter=self.delimiters[fi]), [])
+            except csv.Error:
+                fields = []
+            rows.append([*fields[:width], *[None] * (width - len(fields))])
+            reason = f"expected {width} fields, found {found}"
+            reasons.append(reason)
+            self.reasons[reason] += 1
+        cols = [pa.array([r[j] for r in rows], pa.string()) for j in range(width)]
+        self._emit_rejected(
+            np.array([r[0] for r in ragged], np.int64),
+            fi,
+            reasons,
+            cols,
+            pa.array([r[1] for r in ragged], pa.string()),
+        )
+
+    def _emit_rejected(
+        self,
+        numbers: np.ndarray,
+        fi: int,
+        reasons: list[str],
+        cols: list[pa.Array],
+        raw_line: pa.Array,
+    ) -> None:
+        n = len(reasons)
+        batch = pa.RecordBatch.from_arrays(
+            [
+                pa.array(numbers, pa.int64()),
+                pa.array([str(self.files[fi])] * n, pa.string()),
+                pa.array(reasons, pa.string()),
+                *cols,
+                raw_line,
+            ],
+            schema=self.rej_schema,
+        )
+        self._write(self.rej_writer, batch)
+        self.rows_rejected += n
+
+    # ------------------------------------------------------------------- finish
+
+    def _finish(self) -> None:
+        if self.rows_in == 0:
+            if len(self.files) == 1:
+                what = (
+                    "no rows" if self.kinds[0] == "parquet" else "a header but no rows"
+                )
+                raise InputError(f"{self.files[0]} has {what}")
+            raise InputError(
+                f"{self.source}: none of its {len(self.files)} files has data rows"
+            )
+        if len(self.files) > 1:
+            for path, rows in zip(self.files, self.file_rows, strict=True):
+                if rows == 0:
+                    self.warnings.append(f"{path} has a header but no rows")
+        share = self.rows_rejected / self.rows_in
+        if share > self.max_reject_fraction:
+            top = "; ".join(f"{r} ({k})" for r, k in self.reasons.most_common(3))
+            raise InputError(
+                f"{self.source}: {self.rows_rejected} of {self.rows_in} rows rejected"
+                f" ({share:.1%}), more than max_reject_fraction"
+                f" {self.max_reject_fraction:.1%}; top reasons: {top}; nothing was"
+                " written"
+            )
+        for c in self.schema.columns:
+            if c.role == "key":
+                continue
+            count, lo, hi = self.stats.get(c.name, [0, None, None])
+            if count == 0:
+                self.warnings.append(f"column {c.name!r} is entirely missing")
+            elif lo == hi:
+                self.warnings.append(f"column {c.name!r} is constant ({lo!r})")
+
+
+_ARROW_TYPES = {
+    "numeric": pa.float64(),
+    "date": pa.date32(),
+    "categorical": pa.string(),
+    "text": pa.string(),
+}
+
+
+def _chain(
+    first: Iterable[tuple[int, _Chunk]], rest: Iterator[tuple[int, _Chunk]]
+) -> Iterator[tuple[int, _Chunk]]:
+    yield from first
+    yield from rest
+
+
+def _header_mismatch(path: Path, names: list[str], first: Path, want: list[str]) -> str:
+    missing = [n for n in want if n not in names]
+    extra = [n for n in names if n not in want]
+    if not missing and not extra:
+        return f"{path}: same columns as {first} but in a different order"
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing)}")
+    if extra:
+        parts.append(f"extra {', '.join(extra)}")
+    return f"{path}: header differs from {first}: {'; '.join(parts)}"
+
+
+def _cell_problems(spec: ColumnSpec, p: Parsed) -> list[_Problem]:
+    name = spec.name
+    out = []
+
+    def texts(idx: np.ndarray) -> list[Any]:
+        return p.text.take(pa.array(idx)).to_pylist()
+
+    if p.bad is not None:
+        what = "a number" if spec.kind == "numeric" else "a date (YYYY-MM-DD)"
+        out.append(
+            _Problem(
+                p.bad,
+                f"{name}: not {what}",
+                lambda idx: [f"{name}: {t!r} is not {what}" for t in texts(idx)],
+            )
+        )
+    if p.nonfinite is not None:
+        out.append(
+            _Problem(
+                p.nonfinite,
+                f"{name}: not a finite number",
+                lambda idx: [
+                    f"{name}: {t!r} is not a finite number" for t in texts(idx)
+                ],
+            )
+        )
+    if spec.role == "key" and p.text.null_count:
+        missing = ~np.asarray(p.text.is_valid().to_numpy(zero_copy_only=False), bool)
+        out.append(
+            _Problem(
+                missing,
+                f"{name}: key is missing",
+                lambda idx: [f"{name}: key is missing"] * len(idx),
+            )
+        )
+    return out
+
+
+def _rule_problem(
+    rule: CompiledRule, broken: np.ndarray, parsed: dict[str, Parsed]
+) -> _Problem:
+    def describe(idx: np.ndarray) -> list[str]:
+        take = pa.array(idx)
+        vals = {c: parsed[c].text.take(take).to_pylist() for c in rule.columns}
+        return [
+            f"rule {rule.text!r} violated ("
+            + ", ".join(f"{c}={vals[c][j]}" for c in rule.columns)
+            + ")"
+            for j in range(len(idx))
+        ]
+
+    return _Problem(broken, f"rule {rule.text!r}", describe)

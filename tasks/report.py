@@ -1,0 +1,116 @@
+"""What a person sees of a run: the summary line and the Prefect artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.bundle import LatentModel
+
+
+def worst_features(
+    ingested_dir: Path,
+    bundle_dir: Path,
+    row_ids: list[int],
+    keys: list[str],
+    n: int = 3,
+) -> list[dict[str, Any]]:
+    """For the given rows, the ``n`` input columns with the largest errors."""
+    if not row_ids:
+        return []
+    model = LatentModel.load(bundle_dir)
+    cols = [
+        "_row_id",
+        *keys,
+        *[c for c in model.preprocessor.input_columns if c not in keys],
+    ]
+    table = pads.dataset(str(ingested_dir), format="parquet").to_table(
+        columns=cols, filter=pc.field("_row_id").isin(row_ids)
+    )
+    errs = model.source_errors(table)
+    _, rec_err, _ = model.score(table)
+    frame = table.to_pandas()
+    rows = []
+    for i in range(table.num_rows):
+        worst = errs.iloc[i].sort_values(ascending=False).head(n)
+        row = {"_row_id": int(frame["_row_id"].iat[i])}
+        row.update({k: str(frame[k].iat[i]) for k in keys})
+        row["recon_error"] = round(float(rec_err[i]), 4)
+        for rank, (col, val) in enumerate(worst.items(), start=1):
+            row[f"feature_{rank}"] = f"{col} ({val:.2f})"
+        rows.append(row)
+    rows.sort(key=lambda r: -r["recon_error"])
+    return rows
+
+
+def summary_markdown(
+    summary: dict[str, Any], metrics: dict[str, float], reason: str
+) -> str:
+    """The run summary shown as a Prefect markdown artifact."""
+    lines = [
+        f"# latentflow: {summary['dataset']} {summary['run_date']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| rows in | {summary['rows_in']:,} |",
+        f"| rows rejected | {summary['rows_rejected']:,} |",
+        f"| rows scored | {summary['rows_scored']:,} |",
+        f"| anomalies | {summary['anomalies']:,} |",
+        f"| decision | {'train' if summary['trained'] else 'reuse'}: {reason} |",
+        f"| model | {summary['model_name']} v{summary['model_version']} |",
+        f"| MLflow run | {summary.get('mlflow_run_id', '')} |",
+        f"| output | `{summary['output']}` |",
+    ]
+    if metrics:
+        lines += [
+            "",
+            "## Model quality (held-out rows)",
+            "",
+            "| metric | autoencoder | PCA, same latent size |",
+            "|---|---|---|",
+        ]
+        if "val_mse" in metrics:
+            lines.append(
+                f"| reconstruction MSE | {metrics['val_mse']:.4f}"
+                f" | {metrics.get('pca_val_mse', float('nan')):.4f} |"
+            )
+        if "probe_auc" in metrics:
+            lines.append(
+                f"| linear probe ROC-AUC (label) | {metrics['probe_auc']:.4f}"
+                f" | {metrics.get('pca_probe_auc', float('nan')):.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def publish_report(
+    summary: dict[str, Any],
+    metrics: dict[str, float],
+    reason: str,
+    top_rows: list[dict[str, Any]],
+    key: str,
+) -> None:
+    """Create the run's Prefect artifacts: a summary and the top anomalies."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(
+        key=f"{key}-summary",
+        markdown=summary_markdown(summary, metrics, reason),
+        description=f"latentflow run summary for {summary['dataset']}",
+    )
+    if top_rows:
+        create_table_artifact(
+            key=f"{key}-top-anomalies",
+            table=top_rows,
+            description="Top anomalies and the three input columns that made them",
+        )
+
+
+worst_features_task = task(
+    worst_features, name="explain-anomalies", cache_policy=NO_CACHE
+)

@@ -1,0 +1,230 @@
+"""Fit the preprocessor and the autoencoder; measure them against PCA.
+
+Every training run is compared, on the same held-out rows, with PCA at the same
+latent size, and (when a label is configured) a logistic-regression probe on
+the latent features is compared with one on PCA's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+from prefect import task
+
+from models.bundle import BundleInfo, LatentModel
+from models.estimator import AutoencoderReducer
+from models.preprocessing import TabularPreprocessor
+from tasks.errors import InputError
+
+
+@dataclass
+class TrainResult:
+    """Small, JSON-able facts about a training run; the model itself is on disk."""
+
+    bundle_dir: str
+    metrics: dict[str, float]
+    history: dict[str, list[float]]
+    params: dict[str, Any]
+    n_rows_total: int
+    n_train: int
+    n_holdout: int
+    sample: pd.DataFrame = field(repr=False)
+
+
+def _columns(schema: dict[str, Any], kinds: tuple[str, ...]) -> list[str]:
+    return [
+        c["name"]
+        for c in schema["columns"]
+        if c.get("role") == "feature" and c.get("kind") in kinds
+    ]
+
+
+def read_training_rows(
+    ingested_dir: Path, columns: list[str], max_rows: int, seed: int
+) -> tuple[pa.Table, int]:
+    """A seeded uniform sample of at most about ``max_rows`` rows, read streaming.
+
+    Returns the sample and the total number of rows in the partition.
+    """
+    dataset = pads.dataset(str(ingested_dir), format="parquet")
+    total = dataset.count_rows()
+    if total == 0:
+        raise InputError(f"{ingested_dir}: no rows to train on")
+    if total <= max_rows:
+        return dataset.to_table(columns=columns), total
+    frac = max_rows / total
+    rng = np.random.default_rng([seed, 1])
+    parts = []
+    for batch in dataset.to_batches(columns=columns, batch_size=262_144):
+        keep = rng.random(batch.num_rows) < frac
+        if keep.any():
+            parts.append(batch.filter(pa.array(keep)))
+    return pa.Table.from_batches(parts, schema=parts[0].schema), total
+
+
+def _binary_label(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mask of usable rows, 0/1 targets) for a two-valued label, else None."""
+    present = values.notna().to_numpy()
+    classes = sorted(values[present].astype(str).unique())
+    if len(classes) != 2:
+        return None
+    positive = "Yes" if "Yes" in classes else classes[1]
+    return present, (values.astype(str) == positive).to_numpy().astype(int)
+
+
+def probe_auc(
+    z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray
+) -> float:
+    """ROC-AUC of a logistic-regression probe fitted on one split, tested on another."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(z_train)
+    clf = LogisticRegression(max_iter=500).fit(scaler.transform(z_train), y_train)
+    return float(roc_auc_score(y_test, clf.decision_function(scaler.transform(z_test))))
+
+
+def train_model(
+    ingested_dir: Path,
+    schema: dict[str, Any],
+    bundle_dir: Path,
+    *,
+    dataset: str,
+    estimator_params: dict[str, Any],
+    label: str | None = None,
+    max_train_rows: int = 2_000_000,
+    holdout_fraction: float = 0.2,
+    n_clusters: int | None = None,
+    epoch_callback: Callable[[int, float, float], None] | None = None,
+) -> TrainResult:
+    """Fit a :class:`LatentModel` on the ingested partition and save it.
+
+    The rows are split (seeded) into train and holdout; the preprocessor and the
+    autoencoder see only the train split, and the reported val MSE and the PCA
+    baseline are measured on the holdout in the same preprocessed space.
+    """
+    numeric = _columns(schema, ("numeric",))
+    categorical = _columns(schema, ("categorical",))
+    if not numeric and not categorical:
+        raise InputError(f"{ingested_dir}: no feature columns to train on")
+    seed = int(estimator_params.get("random_state") or 0)
+    wanted = [*numeric, *categorical] + ([label] if label else [])
+    table, total = read_training_rows(ingested_dir, wanted, max_train_rows, seed)
+    n = table.num_rows
+    if n < 20:
+        raise InputError(f"{ingested_dir}: {n} rows are too few to train (need 20)")
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    n_hold = max(1, round(n * holdout_fraction))
+    hold_idx, train_idx = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    train_t, hold_t = table.take(train_idx), table.take(hold_idx)
+
+    pre = TabularPreprocessor(numeric, categorical).fit(train_t)
+    x_train, x_hold = pre.transform(train_t), pre.transform(hold_t)
+    est = AutoencoderReducer(**estimator_params, epoch_callback=epoch_callback)
+    t0 = time.perf_counter()
+    est.fit(x_train)
+    fit_seconds = time.perf_counter() - t0
+
+    z_train, err_train = est.encode_and_score(x_train)
+    z_hold, err_hold = est.encode_and_score(x_hold)
+    metrics: dict[str, float] = {
+        "val_mse": float(err_hold.mean()),
+        "train_mse": float(err_train.mean()),
+        "threshold": float(est.threshold_),
+        "fit_seconds": fit_seconds,
+        "epochs_run": float(est.n_epochs_),
+        "n_features_in": float(x_train.shape[1]),
+    }
+    metrics.update(_pca_baseline(x_train, x_hold, est.latent_dim, seed))
+    metrics["val_mse_vs_pca"] = metrics["val_mse"] / max(metrics["pca_val_mse"], 1e-12)
+    if label:
+        metrics.update(
+            _probe_metrics(
+                train_t, hold_t, label, z_train, z_hold, x_train, x_hold, seed
+            )
+        )
+
+    centers = None
+    if n_clusters:
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=n_clusters, n_init=4, random_state=seed).fit(z_train)
+        centers = km.cluster_centers_.astype(float).tolist()
+
+    info = BundleInfo(
+        dataset=dataset,
+        input_schema=schema,
+        keys=[c["name"] for c in schema["columns"] if c.get("role") == "key"],
+        label=label,
+        trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        n_train_rows=int(x_train.shape[0]),
+        metrics=metrics,
+        cluster_centers=centers,
+    )
+    LatentModel(pre, est, info).save(bundle_dir)
+    sample = train_t.slice(0, 5).to_pandas()
+    params = {
+        **estimator_params,
+        "max_train_rows": max_train_rows,
+        "n_clusters": n_clusters,
+    }
+    return TrainResult(
+        bundle_dir=str(bundle_dir),
+        metrics=metrics,
+        history={k: list(map(float, v)) for k, v in est.history_.items()},
+        params=params,
+        n_rows_total=total,
+        n_train=int(x_train.shape[0]),
+        n_holdout=int(x_hold.shape[0]),
+        sample=sample,
+    )
+
+
+def _pca_baseline(
+    x_train: np.ndarray, x_hold: np.ndarray, k: int, seed: int
+) -> dict[str, float]:
+    from sklearn.decomposition import PCA
+
+    k = min(k, x_train.shape[1], x_train.shape[0])
+    pca = PCA(n_components=k, random_state=seed).fit(x_train)
+    recon = pca.inverse_transform(pca.transform(x_hold))
+    return {"pca_val_mse": float(((recon - x_hold) ** 2).mean())}
+
+
+def _probe_metrics(
+    train_t: pa.Table,
+    hold_t: pa.Table,
+    label: str,
+    z_train: np.ndarray,
+    z_hold: np.ndarray,
+    x_train: np.ndarray,
+    x_hold: np.ndarray,
+    seed: int,
+) -> dict[str, float]:
+    from sklearn.decomposition import PCA
+
+    tr = _binary_label(train_t.column(label).to_pandas())
+    ho = _binary_label(hold_t.column(label).to_pandas())
+    if tr is None or ho is None or len(np.unique(ho[1][ho[0]])) < 2:
+        return {}
+    (mtr, ytr), (mho, yho) = tr, ho
+    pca = PCA(n_components=z_train.shape[1], random_state=seed).fit(x_train)
+    return {
+        "probe_auc": probe_auc(z_train[mtr], ytr[mtr], z_hold[mho], yho[mho]),
+        "pca_probe_auc": probe_auc(
+            pca.transform(x_train)[mtr], ytr[mtr], pca.transform(x_hold)[mho], yho[mho]
+        ),
+    }
+
+
+train_task = task(train_model, name="train")

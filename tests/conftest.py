@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WEATHER_CSV = REPO.parent / "shared" / "data" / "weatherAUS.csv"
+
+
+@pytest.fixture(scope="session")
+def weather_csv() -> Path:
+    if not WEATHER_CSV.is_file():
+        pytest.skip(f"real data not found at {WEATHER_CSV}")
+    return WEATHER_CSV
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real, temporary Prefect server and database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    # Tests use MLflow on SQLite in their own tmp dir, never a user's server.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
+    yield
+
+
+@pytest.fixture
+def small_csv(tmp_path) -> Path:
+    from tasks.synthetic import write_weatheraus_like_csv
+
+    return write_weatheraus_like_csv(tmp_path / "weatherAUS.csv", 3000, seed=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

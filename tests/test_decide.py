@@ -1,0 +1,43 @@
+from datetime import UTC, datetime, timedelta
+
+from tasks.decide import ChampionInfo, decide, schema_difference
+
+NOW = datetime(2026, 11, 21, tzinfo=UTC)
+
+
+def schema(**cols):
+    return {
+        "columns": [{"name": n, "kind": k, "role": "feature"} for n, k in cols.items()]
+    }
+
+
+def champ(age_days=1.0, **cols):
+    return ChampionInfo(
+        "ds-autoencoder", 3, "run", NOW - timedelta(days=age_days), "/m", schema(**cols)
+    )
+
+
+def test_no_champion_trains():
+    assert decide(None, schema(a="numeric"), NOW, 7, False).reason == "no_champion"
+
+
+def test_forced_retrain():
+    d = decide(champ(a="numeric"), schema(a="numeric"), NOW, 7, True)
+    assert (d.action, d.reason) == ("train", "forced")
+
+
+def test_reuse_when_fits_and_young():
+    d = decide(champ(a="numeric"), schema(a="numeric"), NOW, 7, False)
+    assert d.action == "reuse" and "v3" in d.reason
+
+
+def test_too_old_retrains():
+    d = decide(champ(8, a="numeric"), schema(a="numeric"), NOW, 7, False)
+    assert d.action == "train" and d.reason.startswith("too_old")
+
+
+def test_schema_change_retrains_and_is_described():
+    d = decide(champ(a="numeric"), schema(a="categorical", b="numeric"), NOW, 7, False)
+    assert d.action == "train" and d.reason.startswith("schema_changed")
+    assert "new b" in d.reason and "a numeric->categorical" in d.reason
+    assert schema_difference(schema(a="numeric"), schema(a="numeric")) == ""

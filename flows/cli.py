@@ -72,11 +72,32 @@ def _quiet_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.ERROR)
 
 
+class _NoUserErrorTracebacks(logging.Filter):
+    """A user's mistake is reported in one line: drop the traceback Prefect's
+    engine attaches when a task fails with a LatentflowError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, LatentflowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _install_log_filter() -> None:
+    flt = _NoUserErrorTracebacks()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if flt not in handler.filters:
+                handler.addFilter(flt)
+
+
 def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Build the config and run the flow; returns the summary dict."""
     from flows.config import build_config
     from flows.nightly import nightly
 
+    _install_log_filter()
     cfg = build_config(config_file, overrides)
     with _stdout_to_stderr():
         return nightly(config=cfg)

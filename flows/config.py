@@ -127,6 +127,26 @@ class PipelineConfig(BaseModel):
     max_model_age_days: int = Field(
         7, ge=0, le=3650, description="Older champions are retrained"
     )
+    drift_psi_threshold: float = Field(
+        0.2, gt=0, le=10, description="A feature drifts when its PSI exceeds this"
+    )
+    max_drifted_features: int = Field(
+        0, ge=0, le=10000, description="Retrain when more features than this drift"
+    )
+    max_error_ratio: float = Field(
+        1.5,
+        gt=1,
+        le=100,
+        description="Retrain when the median reconstruction error on new data"
+        " exceeds the training median by this factor",
+    )
+    min_improvement: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="A challenger replaces the champion only if its holdout MSE is"
+        " lower by at least this share",
+    )
     max_reject_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the run if more rows are rejected"
     )

@@ -8,53 +8,32 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
 from tasks import registry
-from tasks.decide import decide
+from tasks.decide import ChampionInfo, decide_task, gate
+from tasks.drift import measure_drift_task
 from tasks.errors import SchemaError
-from tasks.ingest import ingest
+from tasks.ingest import ingest_task
+from tasks.registry import (
+    find_champion_task,
+    promote_task,
+    register_task,
+    tag_version_task,
+)
 from tasks.report import publish_report, worst_features_task
-from tasks.score import score_partition
+from tasks.score import score_task
 from tasks.storage import DatasetLock, clean_stale_staging, staging_root
-from tasks.train import train_model
+from tasks.train import train_task
 
 FLOW_NAME = "latentflow-nightly"
-
-_io = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
-ingest_task = task(ingest, name="ingest", **_io)
-score_task = task(score_partition, name="score", **_io)
-find_champion_task = task(registry.find_champion, name="find-champion", **_io)
-decide_task = task(decide, name="decide", cache_policy=NO_CACHE)
-register_task = task(registry.log_and_register, name="register", cache_policy=NO_CACHE)
-promote_task = task(registry.promote, name="promote", cache_policy=NO_CACHE)
-
-
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(**kwargs: Any) -> Any:
-    """Train with per-epoch logs and a progress artifact the UI updates live."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-    logger = get_run_logger()
-    epochs = int(kwargs["estimator_params"]["epochs"])
-    progress = create_progress_artifact(0.0, description="training epochs")
-
-    def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
-        logger.info(
-            "epoch %d: train_loss=%.5f val_loss=%.5f", epoch, train_loss, val_loss
-        )
-        update_progress_artifact(progress, min(100.0, 100.0 * (epoch + 1) / epochs))
-
-    result = train_model(**kwargs, epoch_callback=on_epoch)
-    update_progress_artifact(progress, 100.0)
-    return result
 
 
 def _run_name() -> str:
@@ -98,61 +77,50 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         )
         if champion is not None and not cfg.retrain:
             _require_columns(champion.input_schema, ing.schema, champion.name)
+        now = datetime.now(UTC)
         decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
-            champion, ing.schema, datetime.now(UTC), cfg.max_model_age_days, cfg.retrain
+            champion, ing.schema, now, cfg.max_model_age_days, cfg.retrain
         )
+        drift = None
+        if decision.action == "reuse":
+            assert champion is not None
+            drift = measure_drift_task.with_options(task_run_name=f"drift-{tag}")(
+                Path(ing.ingested_dir),
+                Path(champion.model_dir),
+                psi_threshold=cfg.drift_psi_threshold,
+                seed=cfg.random_state,
+            )
+            logger.info("drift: %s", drift.to_dict())
+            decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
+                champion,
+                ing.schema,
+                now,
+                cfg.max_model_age_days,
+                cfg.retrain,
+                drift=drift,
+                max_drifted_features=cfg.max_drifted_features,
+                max_error_ratio=cfg.max_error_ratio,
+            )
         logger.info("decision: %s (%s)", decision.action, decision.reason)
 
         metrics: dict[str, float] = {}
+        outcome, gate_reason = "reuse", ""
         if decision.action == "train":
-            # The directory's name becomes the artifact's name in MLflow.
-            stage = staging_root(data_dir) / f"model.{dataset}.{uuid.uuid4().hex[:12]}"
-            bundle_dir = stage / registry.BUNDLE_ARTIFACT
-            try:
-                trained = train_task.with_options(task_run_name=f"train-{tag}")(
-                    ingested_dir=Path(ing.ingested_dir),
-                    schema=ing.schema,
-                    bundle_dir=bundle_dir,
-                    dataset=dataset,
-                    estimator_params=cfg.estimator_params(),
-                    label=cfg.label,
-                    max_train_rows=cfg.max_train_rows,
-                    holdout_fraction=cfg.holdout_fraction,
-                    n_clusters=cfg.n_clusters,
-                )
-                metrics = trained.metrics
-                reg = register_task.with_options(task_run_name=f"register-{tag}")(
-                    bundle_dir=bundle_dir,
-                    name=cfg.model_name,
-                    dataset=dataset,
-                    data_dir=data_dir,
-                    params={**trained.params, "config_hash": cfg.config_hash()},
-                    history=trained.history,
-                    metrics=metrics,
-                    tags={
-                        "decision": "train",
-                        "reason": decision.reason,
-                        "dataset": dataset,
-                        "run_date": str(run_date),
-                        "config_hash": cfg.config_hash(),
-                    },
-                    sample=trained.sample,
-                    description=_model_card(cfg, ing, trained),
-                )
-                promote_task.with_options(task_run_name=f"promote-{tag}")(
-                    reg.name, reg.version, cache_dir
-                )
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-            version, run_id = reg.version, reg.run_id
+            result = challenge(cfg, ing, champion, decision.reason, data_dir, tag)
+            metrics, outcome, gate_reason = (
+                result.metrics,
+                result.outcome,
+                result.reason,
+            )
+            version, run_id = result.version, result.run_id
+            if outcome == "keep_champion":
+                assert champion is not None
+                version, run_id = champion.version, champion.run_id
             bundle = registry.fetch_model(cfg.model_name, version, cache_dir)
         else:
             assert champion is not None
-            version, run_id, bundle = (
-                champion.version,
-                champion.run_id,
-                Path(champion.model_dir),
-            )
+            version, run_id = champion.version, champion.run_id
+            bundle = Path(champion.model_dir)
 
         scored = score_task.with_options(task_run_name=f"score-{tag}")(
             Path(ing.ingested_dir),
@@ -175,8 +143,8 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         "rows_scored": scored.rows_scored,
         "anomalies": scored.anomalies,
         "trained": decision.action == "train",
-        "decision": decision.action,
-        "reason": decision.reason,
+        "decision": outcome,
+        "reason": decision.reason + (f"; {gate_reason}" if gate_reason else ""),
         "model_name": cfg.model_name,
         "model_version": version,
         "mlflow_run_id": run_id,
@@ -190,9 +158,96 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         keys,
     )
     publish_report.with_options(task_run_name=f"report-{tag}")(
-        summary, metrics, decision.reason, top, key=dataset.replace("_", "-")
+        summary, metrics, summary["reason"], top, key=dataset.replace("_", "-")
     )
     return summary
+
+
+@dataclass
+class Challenge:
+    outcome: str  # "promote" or "keep_champion"
+    reason: str
+    version: int
+    run_id: str
+    metrics: dict[str, float]
+
+
+@flow(name="latentflow-challenge", flow_run_name="challenge-{tag}")
+def challenge(
+    cfg: PipelineConfig,
+    ing: Any,
+    champion: ChampionInfo | None,
+    reason: str,
+    data_dir: Path,
+    tag: str,
+) -> Challenge:
+    """Train a challenger, register it, and promote it only if it beats the
+    champion on the same holdout of the new data."""
+    cache_dir = data_dir / ".cache" / "models"
+    # The directory's name becomes the artifact's name in MLflow.
+    stage = staging_root(data_dir) / f"model.{cfg.dataset}.{uuid.uuid4().hex[:12]}"
+    bundle_dir = stage / registry.BUNDLE_ARTIFACT
+    try:
+        trained = train_task.with_options(task_run_name=f"train-{tag}")(
+            ingested_dir=Path(ing.ingested_dir),
+            schema=ing.schema,
+            bundle_dir=bundle_dir,
+            dataset=cfg.dataset,
+            estimator_params=cfg.estimator_params(),
+            label=cfg.label,
+            max_train_rows=cfg.max_train_rows,
+            holdout_fraction=cfg.holdout_fraction,
+            n_clusters=cfg.n_clusters,
+            champion_dir=Path(champion.model_dir) if champion else None,
+        )
+        reg = register_task.with_options(task_run_name=f"register-{tag}")(
+            bundle_dir=bundle_dir,
+            name=cfg.model_name,
+            dataset=cfg.dataset,
+            data_dir=data_dir,
+            params={**trained.params, "config_hash": cfg.config_hash()},
+            history=trained.history,
+            metrics=trained.metrics,
+            tags={
+                "reason": reason,
+                "dataset": cfg.dataset or "",
+                "run_date": str(cfg.run_date),
+                "config_hash": cfg.config_hash(),
+            },
+            sample=trained.sample,
+            description=_model_card(cfg, ing, trained),
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    verdict = gate(
+        trained.metrics["val_mse"],
+        trained.metrics.get("champion_holdout_mse"),
+        cfg.min_improvement,
+    )
+    tags = {
+        "decision": "promoted" if verdict.promote else "rejected",
+        "gate_reason": verdict.reason,
+        "challenger_holdout_mse": f"{verdict.challenger_mse:.6g}",
+        "champion_holdout_mse": (
+            "" if verdict.champion_mse is None else f"{verdict.champion_mse:.6g}"
+        ),
+        "champion_version": str(champion.version) if champion else "",
+    }
+    tag_version_task.with_options(task_run_name=f"tag-{tag}")(
+        reg.name, reg.version, reg.run_id, tags
+    )
+    if verdict.promote:
+        promote_task.with_options(task_run_name=f"promote-{tag}")(
+            reg.name, reg.version, cache_dir
+        )
+    get_run_logger().info("challenger v%s: %s", reg.version, tags)
+    return Challenge(
+        outcome="promote" if verdict.promote else "keep_champion",
+        reason=verdict.reason,
+        version=reg.version,
+        run_id=reg.run_id,
+        metrics=trained.metrics,
+    )
 
 
 def _require_columns(

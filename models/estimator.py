@@ -80,11 +80,11 @@ def _resolve_device(device: str) -> torch.device:
 
 def _rows_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """A float32 C-contiguous numpy block as a tensor on ``device``."""
-    # torch.from_numpy warns on read-only arrays (memmaps, Arrow buffers); copying
-    # one block is cheaper than the warning machinery and never writes back.
+    # torch.from_numpy warns on read-only arrays (memmaps, Arrow buffers): copy just
+    # this block rather than the whole input.
     if not rows.flags.writeable:
         rows = rows.copy()
-    return torch.from_numpy(rows).to(device, non_blocking=True)
+    return torch.from_numpy(rows).to(device)
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
@@ -348,10 +348,16 @@ default="relu"
             )
         network.to(device)
 
-        x_all = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
-        index = torch.from_numpy(order).to(device)
-        x_val = x_all[index[:n_val]] if n_val else None
-        x_train = x_all[index[n_val:]]
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        if not X32.flags.writeable:
+            X32 = X32.copy()  # torch.from_numpy warns on read-only buffers
+        x_all = torch.from_numpy(X32).to(device)
+        if n_val:
+            index = torch.from_numpy(order).to(device)
+            x_val: torch.Tensor | None = x_all[index[:n_val]]
+            x_train = x_all[index[n_val:]]
+        else:
+            x_val, x_train = None, x_all
         generator = torch.Generator(device=device).manual_seed(train_seed)
 
         history, best_epoch = self._train(network, x_train, x_val, generator)
@@ -364,10 +370,11 @@ default="relu"
         self.n_epochs_ = len(history["train_loss"])
         self.best_epoch_ = best_epoch
         self.val_loss_ = float(history["val_loss"][best_epoch])
-        X32 = np.ascontiguousarray(X, dtype=np.float32)
         _, errors = self._forward(X32, latent=False, error=True)
         self.decision_scores_ = errors.astype(np.float64)
-        self.threshold_ = float(np.quantile(self.decision_scores_, 1 - self.contamination))
+        self.threshold_ = float(
+            np.quantile(self.decision_scores_, 1 - self.contamination)
+        )
         self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
         return self
 
@@ -404,18 +411,19 @@ default="relu"
         best_epoch = -1
         best_state: dict[str, torch.Tensor] | None = None
         stale = 0
-        weights = self._batch_weights(n_train, device)
+        batch_rows = self._batch_weights(n_train, device)
         for epoch in range(self.epochs):
             network.train()
-            # One gather per epoch, then contiguous slices: cheaper than indexing
-            # every batch and no DataLoader or numpy round trips.
-            shuffled = x_train[torch.randperm(n_train, generator=generator, device=device)]
+            # Data already sit on the device as one tensor: index it with a
+            # permutation per batch (no DataLoader, no numpy round trips, no second
+            # full copy of the training rows).
+            order = torch.randperm(n_train, generator=generator, device=device)
             # Keep the per-batch losses as device tensors and reduce them once per
             # epoch: a .item() per batch would sync every step.
             losses: list[torch.Tensor] = []
             recons: list[torch.Tensor] = []
             for start in range(0, n_train, self.batch_size):
-                batch = shuffled[start : start + self.batch_size]
+                batch = x_train[order[start : start + self.batch_size]]
                 loss, recon = self._batch_loss(network, batch, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -423,8 +431,8 @@ default="relu"
                 losses.append(loss.detach())
                 if recon is not loss:
                     recons.append(recon.detach())
-            loss_sum = torch.stack(losses) @ weights
-            recon_sum = torch.stack(recons) @ weights if recons else loss_sum
+            loss_sum = torch.stack(losses) @ batch_rows
+            recon_sum = torch.stack(recons) @ batch_rows if recons else loss_sum
             train_loss = float(loss_sum) / n_train
             if x_val is None:
                 monitored = float(recon_sum) / n_train
@@ -434,7 +442,8 @@ default="relu"
             history["val_loss"].append(monitored)
             if self.verbose:
                 print(
-                    f"epoch {epoch}: train_loss={train_loss:.6g} val_loss={monitored:.6g}"
+                    f"epoch {epoch}: train_loss={train_loss:.6g} "
+                    f"val_loss={monitored:.6g}"
                 )
             if self.epoch_callback is not None:
                 self.epoch_callback(epoch, train_loss, monitored)
@@ -484,7 +493,9 @@ default="relu"
             eps = torch.randn(
                 mu.shape, generator=generator, device=mu.device, dtype=mu.dtype
             )
-            recon = F.mse_loss(network.decode(mu + eps * torch.exp(0.5 * logvar)), batch)
+            recon = F.mse_loss(
+                network.decode(mu + eps * torch.exp(0.5 * logvar)), batch
+            )
             kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
             return recon + (self.beta / batch.shape[1]) * kl, recon
         if kind == "contractive":
@@ -697,7 +708,9 @@ default="relu"
                 out[start:stop] = (self.network_(batch) - batch).square_().cpu().numpy()
         errors = out.astype(X.dtype, copy=False)
         if hasattr(self, "feature_names_in_"):
-            return pd.DataFrame(errors, columns=list(self.feature_names_in_), index=index)
+            return pd.DataFrame(
+                errors, columns=list(self.feature_names_in_), index=index
+            )
         return errors
 
     def encode_and_score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -817,7 +830,9 @@ default="relu"
                 "best_epoch_": int(self.best_epoch_),
                 "val_loss_": float(self.val_loss_),
                 "threshold_": float(self.threshold_),
-                "history_": {k: [float(v) for v in vs] for k, vs in self.history_.items()},
+                "history_": {
+                    k: [float(v) for v in vs] for k, vs in self.history_.items()
+                },
             },
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
         }
@@ -874,7 +889,11 @@ default="relu"
                 "threshold_": float(fitted["threshold_"]),
             }
             expected_sha = str(meta["weights_sha256"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except KeyError as exc:
+            raise ValueError(
+                f"{where} is malformed: missing key {exc.args[0]!r}"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{where} is malformed: {_first_line(exc)}") from None
         if n_features != network.n_features:
             raise ValueError(
@@ -889,13 +908,13 @@ default="relu"
         tensors = _read_weights(path, expected_sha)
         where = f"{WEIGHTS_FILE} in {path}"
         expected = {f"network.{k}": v for k, v in network.state_dict().items()}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected) - {"decision_scores_"})
-        if missing or unexpected or "decision_scores_" not in tensors:
+        required = {*expected, "decision_scores_"}
+        missing = sorted(required - set(tensors))
+        unexpected = sorted(set(tensors) - required)
+        if missing or unexpected:
             raise ValueError(
                 f"{where} does not match the architecture in {META_FILE}: "
-                f"missing {missing + ([] if 'decision_scores_' in tensors else ['decision_scores_'])}"
-                f", unexpected {unexpected}"
+                f"missing {missing}, unexpected {unexpected}"
             )
         for key, ref in expected.items():
             if tensors[key].shape != ref.shape or not tensors[key].is_floating_point():
@@ -958,18 +977,27 @@ def _read_weights(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{where} is missing") from None
     except OSError as exc:
         raise ValueError(f"{where} cannot be read: {_first_line(exc)}") from None
+    if not data:
+        raise ValueError(f"{where} is not a valid weights file: it is empty")
     try:
-        # weights_only: the unpickler only rebuilds tensors and plain containers,
-        # so a crafted file cannot run code.
-        tensors = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            # A foreign pickle protocol only draws a warning before the refusal
+            # below; the ValueError already says what is wrong.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # weights_only: the unpickler only rebuilds tensors and plain
+            # containers, so a crafted file cannot run code.
+            tensors = torch.load(
+                io.BytesIO(data), weights_only=True, map_location="cpu"
+            )
     except pickle.UnpicklingError:
         raise ValueError(
             f"{where} is not a valid weights file: it is not a torch.save archive "
             "of plain tensors (refused to unpickle it)"
         ) from None
     except Exception as exc:
+        reason = _first_line(exc).split(". ")[0]
         raise ValueError(
-            f"{where} is not a valid weights file: {_first_line(exc)}"
+            f"{where} is not a valid weights file: truncated or corrupt ({reason})"
         ) from None
     if not isinstance(tensors, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()

@@ -7,6 +7,7 @@ rebuilds one from :meth:`AutoencoderNetwork.config` when loading a saved model.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ _LOGVAR_MAX = 20.0
 def _mlp(sizes: Sequence[int], activation: str) -> list[nn.Module]:
     """Linear layers between consecutive ``sizes``, activated except the last."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())
@@ -98,7 +99,9 @@ class AutoencoderNetwork(nn.Module):
             encoder.append(nn.ReLU())
         self.encoder = nn.Sequential(*encoder)
         self.decoder = nn.Sequential(
-            *_mlp((self.latent_dim, *reversed(self.hidden), self.n_features), activation)
+            *_mlp(
+                (self.latent_dim, *reversed(self.hidden), self.n_features), activation
+            )
         )
 
     def config(self) -> dict[str, Any]:

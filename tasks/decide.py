@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from prefect import task
 
+from tasks.policy import PLAIN
+
 
 @dataclass(frozen=True)
 class ChampionInfo:
@@ -62,8 +64,18 @@ def decide(
     now: datetime,
     max_model_age_days: int,
     retrain: bool,
+    drift: Any | None = None,
+    max_drifted_features: int = 0,
+    max_error_ratio: float = 1.5,
 ) -> Decision:
-    """Reuse the champion only when it exists, fits the data and is young enough."""
+    """Reuse the champion only when it exists, fits the data, is young enough and
+    the new data has not drifted from its training reference.
+
+    ``drift`` is a :class:`tasks.drift.DriftReport`: more than
+    ``max_drifted_features`` features over the PSI threshold, or a median
+    reconstruction error more than ``max_error_ratio`` times the training one,
+    means retrain.
+    """
     if retrain:
         return Decision("train", "forced")
     if champion is None:
@@ -74,10 +86,45 @@ def decide(
     age_days = (now - champion.created_at).total_seconds() / 86400
     if age_days > max_model_age_days:
         return Decision("train", f"too_old: {age_days:.1f} days > {max_model_age_days}")
+    if drift is not None:
+        if len(drift.drifted) > max_drifted_features:
+            return Decision("train", f"feature_drift: {drift.drifted}")
+        if drift.error_median_ratio > max_error_ratio:
+            return Decision("train", f"error_drift: x{drift.error_median_ratio:.2f}")
     return Decision(
         "reuse",
         f"champion v{champion.version} fits the schema, {age_days:.1f} days old",
     )
 
 
-decide_task = task(decide, name="decide")
+decide_task = task(decide, name="decide", **PLAIN)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The champion/challenger verdict after a retrain."""
+
+    promote: bool
+    reason: str
+    challenger_mse: float
+    champion_mse: float | None
+
+
+def gate(
+    challenger_mse: float, champion_mse: float | None, min_improvement: float
+) -> Gate:
+    """Promote only a challenger that beats the champion by ``min_improvement``
+    (relative) on the same holdout, or when there is no comparable champion."""
+    if champion_mse is None:
+        return Gate(True, "no comparable champion", challenger_mse, None)
+    bar = champion_mse * (1.0 - min_improvement)
+    if challenger_mse <= bar:
+        gain = 1 - challenger_mse / max(champion_mse, 1e-12)
+        return Gate(True, f"holdout MSE {gain:.1%} lower", challenger_mse, champion_mse)
+    return Gate(
+        False,
+        f"holdout MSE {challenger_mse:.5f} not {min_improvement:.0%} below the"
+        f" champion's {champion_mse:.5f}",
+        challenger_mse,
+        champion_mse,
+    )

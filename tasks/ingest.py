@@ -24,25 +24,43 @@ Choices worth knowing:
 * ``_row_number`` of a rejected CSV row is its record number with the header as
   1, i.e. its line number unless the file has blank lines or quoted line breaks;
   for Parquet it is the 1-based row index.
+* Kinds come from the first 10,000 rows: numeric if 95% of the non-null cells
+  are finite numbers, date if 95% are ISO dates, else categorical (at most
+  max(20, min(1000, rows / 2)) distinct values) or text (kept, not a feature).
+  A column with no value in the sample is numeric. Later junk cells reject
+  their rows; the column is never retyped.
+* Rejected rows keep every input column as raw text, plus ``_row_number``,
+  ``_source_file``, ``_reject_reason`` (all problems of the row, "; "-joined)
+  and ``_raw_line`` (the raw line of a row with a wrong field count, else null).
+  ``IngestResult.reject_reasons`` counts problem categories ("MinTemp: not a
+  number", "rule 'A <= B'", "duplicate key", "expected 23 fields, found 25").
+* ``_row_number`` of a rejected CSV row is its record number with the header as
+  1, i.e. its line number unless the file has blank lines or quoted line breaks;
+  for Parquet it is the 1-based row index.
 * ``_row_id`` is a 64-bit hash of the stripped key cells (all cells when there is
   no key), computed with numpy from the bytes, so it is stable across runs,
-  row order and library versions. Duplicate keys: the first accepted row wins.
+  row order and library versions. Duplicate keys: the first accepted row wins
+  (a rejected row does not claim its key); identical keyless rows get ids
+  salted with their occurrence count. Dedup memory is 16 bytes per accepted
+  row (hash and where it was first seen), 8 without keys.
 """
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import csv
 import glob
 import gzip
 import io
 import json
-import os
 import re
+import sys
+import threading
+import weakref
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from itertools import combinations
@@ -54,8 +72,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from prefect import task
 
 from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
+from tasks.policy import IO
 from tasks.storage import StagedPartition, validate_dataset_name
 from tasks.validate import (
     CompiledRule,
@@ -82,6 +102,7 @@ __all__ = [
     "IngestResult",
     "TableSchema",
     "ingest",
+    "ingest_task",
 ]
 
 #: Domain rules that hold on every row of the real weatherAUS.csv (145,460 rows).
@@ -115,9 +136,10 @@ SAMPLE_ROWS = 10_000  # rows used to infer kinds and keys
 _PARSE_SHARE = 0.95  # share of non-null sample cells that must parse as numbers/dates
 _CATEGORICAL_LIMIT = 1000
 _HEAD_BYTES = 1 << 20  # the header must fit in the first MiB
+_SNIFF_BYTES = 1 << 16  # encoding/binary/delimiter checks look at this much
+_READ_AHEAD = 2  # CSV blocks pyarrow may read beyond the one being processed
 _DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
 _MAX_KEY_TRIES = 5000
-_PARALLEL_ROWS = 20_000  # smaller blocks parse their columns in one thread
 
 
 # --------------------------------------------------------------------- schema API
@@ -244,13 +266,20 @@ class IngestResult:
 # ------------------------------------------------------------------------ sources
 
 
-class _RetryAsLatin1(Exception):
-    """Internal: a file that looked like UTF-8 is not; rerun reading it as Latin-1."""
+@dataclass
+class _Hints:
+    """How to read one file, learnt from a failed attempt (see :func:`ingest`)."""
 
-    def __init__(self, path: Path, offset: int) -> None:
+    latin1_at: int | None = None  # not UTF-8 after all: first bad byte
+
+
+class _Retry(Exception):
+    """Internal: restart the ingestion, reading ``path`` as ``hints`` say."""
+
+    def __init__(self, path: Path, hints: _Hints) -> None:
         super().__init__(str(path))
         self.path = path
-        self.offset = offset
+        self.hints = hints
 
 
 def _resolve_sources(source: str | Path) -> list[Path]:
@@ -315,11 +344,20 @@ class _Utf8Stream:
     Plain UTF-8 passes through (validated on the way; pure ASCII skips even
     that); Latin-1 and UTF-16/32 are transcoded. The first error is kept in
     :attr:`error` because pyarrow may hit it while reading ahead.
+
+    pyarrow's streaming CSV reader reads up to 32 blocks ahead in a background
+    thread (the whole file, for most files): :meth:`read` holds it to
+    ``_READ_AHEAD`` blocks beyond what the consumer took (:meth:`took`), so
+    memory is a few blocks whatever the file size.
     """
 
-    closed = False
-
     def __init__(self, raw: BinaryIO, prefix: bytes, encoding: str) -> None:
+        self.closed = False
+        _OPEN_STREAMS.add(self)
+        self._cond = threading.Condition()
+        self._reads = 0
+        self._taken = 0
+        self._waiting = 0
         self._raw = raw
         self._pending = prefix
         self._decoder = codecs.getincrementaldecoder(encoding)("strict")
@@ -339,7 +377,20 @@ class _Utf8Stream:
         return False
 
     def close(self) -> None:
+        """End the stream; a read-ahead waiting in :meth:`read` gets EOF at once."""
         self.closed = True
+        if sys.is_finalizing():
+            return  # too late to wake pyarrow's thread (see _close_open_streams)
+        with self._cond:
+            self._cond.notify_all()
+            # Let it leave our Python code while the interpreter is whole.
+            self._cond.wait_for(lambda: not self._waiting, timeout=2.0)
+
+    def took(self) -> None:
+        """The consumer took a batch: the reader may read one more block."""
+        with self._cond:
+            self._taken += 1
+            self._cond.notify_all()
 
     def _convert(self, n: int) -> bytes:
         if self._pending:
@@ -365,7 +416,8 @@ class _Utf8Stream:
     def _fill(self, n: int) -> None:
         try:
             while len(self._out) < n and not self._eof:
-                self._out += self._convert(max(n - len(self._out), 1 << 16))
+                chunk = self._convert(max(n - len(self._out), 1 << 16))
+                self._out = self._out + chunk if self._out else chunk
         except Exception as exc:
             self.error = exc
             raise
@@ -377,11 +429,39 @@ class _Utf8Stream:
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = 1 << 62
+        with self._cond:
+            # The timeout only guards against a block that yields no batch.
+            self._waiting += 1
+            try:
+                self._cond.wait_for(
+                    lambda: self.closed or self._reads - self._taken <= _READ_AHEAD,
+                    timeout=1.0,
+                )
+            finally:
+                self._waiting -= 1
+                self._cond.notify_all()
+            self._reads += 1
+            if self.closed:
+                return b""
         self._fill(n)
-        out, self._out = self._out[:n], self._out[n:]
+        if len(self._out) <= n:  # the usual case: no re-slicing copies
+            out, self._out = self._out, b""
+        else:
+            out, self._out = self._out[:n], self._out[n:]
         if out:
             self.tail = (self.tail + out)[-16:]
         return out
+
+
+# A pyarrow thread still waiting in read() when the interpreter finalises would
+# crash it; an abandoned reader is released at exit, while threads still run.
+_OPEN_STREAMS: weakref.WeakSet[_Utf8Stream] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
 
 
 def _sniff_encoding(head: bytes, whole: bool) -> tuple[str, str | None]:
@@ -390,6 +470,8 @@ def _sniff_encoding(head: bytes, whole: bool) -> tuple[str, str | None]:
         return "utf-32", None
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16", None
+    if head.isascii():
+        return "utf-8", None
     try:
         codecs.getincrementaldecoder("utf-8")("strict").decode(head, whole)
         return "utf-8", None
@@ -452,7 +534,7 @@ class _CsvSource:
     kind = "csv"
 
     def __init__(
-        self, path: Path, fh: BinaryIO, block_size: int, latin1: int | None
+        self, path: Path, fh: BinaryIO, block_size: int, hints: _Hints
     ) -> None:
         self.path = path
         self.warnings: list[str] = []
@@ -477,11 +559,13 @@ class _CsvSource:
                 " or Parquet"
             )
         encoding, why = _sniff_encoding(head, whole)
-        if latin1 is not None and encoding == "utf-8":
-            encoding, why = "latin-1", f"not valid UTF-8 at byte {latin1}"
-        text = head.decode(
-            "utf-8-sig" if encoding == "utf-8" else encoding, errors="replace"
-        )
+        self.hints = hints
+        if hints.latin1_at is not None and encoding == "utf-8":
+            encoding, why = "latin-1", f"not valid UTF-8 at byte {hints.latin1_at}"
+        codec = "utf-8-sig" if encoding == "utf-8" else encoding
+        # The first 64 KiB hold the header of any sane file; decode more only
+        # if they do not.
+        text = head[:_SNIFF_BYTES].decode(codec, errors="replace")
         self._check_text(text, head)
         if why:
             self.warnings.append(f"{path}: {why}; decoded it as Latin-1")
@@ -497,6 +581,9 @@ class _CsvSource:
             )
         try:
             header, consumed = _read_header(text, self.delimiter)
+            if consumed >= len(text) and len(head) > _SNIFF_BYTES:
+                text = head.decode(codec, errors="replace")
+                header, consumed = _read_header(text, self.delimiter)
         except csv.Error as exc:
             raise InputError(
                 f"{path}: cannot read the header row ({_first_line(exc)})"
@@ -521,11 +608,10 @@ class _CsvSource:
         )
 
     def _check_text(self, text: str, head: bytes) -> None:
-        sample = text[: 1 << 16]
-        controls = len(_CONTROL_RE.findall(sample))
-        if "\x00" in text or controls > max(8, len(sample) // 100):
+        controls = len(_CONTROL_RE.findall(text))
+        if "\x00" in text or controls > max(8, len(text) // 100):
             # ASCII text in UTF-16 is every other byte NUL.
-            nul_share = head[: 1 << 16].count(0) / max(1, min(len(head), 1 << 16))
+            nul_share = head[:_SNIFF_BYTES].count(0) / min(len(head), _SNIFF_BYTES)
             hint = (
                 " (UTF-16 without a byte-order mark?)" if 0.4 < nul_share < 0.6 else ""
             )
@@ -535,6 +621,7 @@ class _CsvSource:
             )
 
     def close(self) -> None:
+        self.stream.close()
         self._raw.close()
         self._fh.close()
 
@@ -554,7 +641,9 @@ class _CsvSource:
             reader = pacsv.open_csv(
                 self.stream,
                 read_options=pacsv.ReadOptions(
-                    use_threads=False,  # the serial reader numbers invalid rows
+                    # Only the serial reader numbers bad rows (and the threaded
+                    # one hands the row handler text cut at block boundaries).
+                    use_threads=False,
                     block_size=self.block_size,
                     column_names=names,
                 ),
@@ -578,6 +667,7 @@ class _CsvSource:
                 ),
             )
             for batch in reader:
+                self.stream.took()
                 numbers, ragged = _number_rows(next_no, batch.num_rows, pending)
                 self._check_ragged(ragged)
                 next_no += batch.num_rows + len(ragged)
@@ -585,12 +675,15 @@ class _CsvSource:
                     last = batch
                 # Header = row 1, so data record k is row k + 1.
                 yield _Chunk(batch, numbers + 1, [(n + 1, t, c) for n, t, c in ragged])
-        except (LatentflowError, _RetryAsLatin1):
+        except (LatentflowError, _Retry):
             raise
         except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError) as exc:
             if self.stream.error is None and "Empty CSV" in str(exc):
                 return  # nothing after the header (the caller reports no rows)
             raise self._error(exc, next_no) from None
+        finally:
+            # Wakes a read-ahead waiting in read() before the reader is dropped.
+            self.stream.close()
         if pending:
             self._check_ragged(pending)
             yield _Chunk(
@@ -628,7 +721,7 @@ class _CsvSource:
         after = f"after row {next_no}"
         if isinstance(err, UnicodeDecodeError):
             if self.encoding == "utf-8":
-                raise _RetryAsLatin1(self.path, self.stream.bad_offset)
+                raise _Retry(self.path, _Hints(latin1_at=self.stream.bad_offset))
             return InputError(f"{self.path}: not valid {self.encoding} text {after}")
         if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
             return InputError(
@@ -747,7 +840,7 @@ def _as_text(col: pa.Array) -> pa.Array:
 
 
 def _open_source(
-    path: Path, block_size: int, latin1: int | None
+    path: Path, block_size: int, hints: _Hints
 ) -> _CsvSource | _ParquetSource:
     fh = _open_binary(path)
     try:
@@ -755,7 +848,7 @@ def _open_source(
         fh.seek(0)
         if magic == b"PAR1":
             return _ParquetSource(path, fh, block_size)
-        return _CsvSource(path, fh, block_size, latin1)
+        return _CsvSource(path, fh, block_size, hints)
     except BaseException:
         fh.close()
         raise
@@ -875,6 +968,8 @@ def ingest(
     ------
     InputError, SchemaError, ConfigError
         With a one-line message; no partition is written or changed.
+    LatentflowError
+        The partitions could not be written (disk full, permissions).
     """
     keys, features, exclude, rules = (
         _names_arg(keys),
@@ -885,16 +980,18 @@ def ingest(
     validate_dataset_name(dataset)
     if not isinstance(run_date, date):
         raise ConfigError(f"run_date {run_date!r} is not a date")
-    if not 0.0 <= float(max_reject_fraction) <= 1.0:
+    if not isinstance(max_reject_fraction, (int, float)) or not (
+        0.0 <= max_reject_fraction <= 1.0
+    ):
         raise ConfigError(
             f"max_reject_fraction {max_reject_fraction!r} must be between 0 and 1"
         )
-    if int(block_size) < 1:
+    if not isinstance(block_size, int) or block_size < 1:
         raise ConfigError(f"block_size {block_size!r} must be a positive byte count")
     parsed_rules = [parse_rule(r) for r in rules]
     expected = TableSchema.from_dict(expected_schema) if expected_schema else None
     files = _resolve_sources(source)
-    latin1: dict[Path, int] = {}  # files to read as Latin-1 -> first bad byte
+    hints: dict[Path, _Hints] = {}
     while True:
         job = _Ingestion(
             source=str(source),
@@ -910,14 +1007,15 @@ def ingest(
             expected=expected,
             max_reject_fraction=float(max_reject_fraction),
             block_size=int(block_size),
-            latin1=latin1,
+            hints=hints,
         )
         try:
             return job.run()
-        except _RetryAsLatin1 as retry:
-            if retry.path in latin1:  # cannot happen: Latin-1 decodes any byte
-                raise InputError(f"{retry.path}: cannot decode the text") from None
-            latin1[retry.path] = retry.offset
+        except _Retry as retry:
+            # At most one retry per file: Latin-1 decodes any byte.
+            if hints.get(retry.path) == retry.hints:
+                raise InputError(f"{retry.path}: cannot be read") from None
+            hints[retry.path] = retry.hints
         except OSError as exc:  # writing the partitions (reading maps its own)
             raise LatentflowError(
                 f"cannot write the {dataset} partitions under {data_dir}:"
@@ -953,7 +1051,7 @@ class _Ingestion:
         expected: TableSchema | None,
         max_reject_fraction: float,
         block_size: int,
-        latin1: dict[Path, int],
+        hints: dict[Path, _Hints],
     ) -> None:
         self.source = source
         self.files = files
@@ -968,7 +1066,7 @@ class _Ingestion:
         self.expected = expected
         self.max_reject_fraction = max_reject_fraction
         self.block_size = block_size
-        self.latin1 = latin1
+        self.hints = hints
         self.warnings: list[str] = []
         self.rows_in = 0
         self.rows_accepted = 0
@@ -977,6 +1075,8 @@ class _Ingestion:
         self.file_rows: list[int] = [0] * len(files)
         self.delimiters: list[str] = [","] * len(files)
         self.kinds: list[str] = ["csv"] * len(files)
+        # Warnings of each file's reader, reported first, in file order.
+        self.file_warnings: list[list[str]] = [[] for _ in files]
         self.stats: dict[str, list[Any]] = {}
         self.dup_counts: dict[int, int] = {}
 
@@ -984,14 +1084,19 @@ class _Ingestion:
 
     def run(self) -> IngestResult:
         first = _open_source(
-            self.files[0], self.block_size, self.latin1.get(self.files[0])
+            self.files[0], self.block_size, self.hints.get(self.files[0], _Hints())
         )
-        stream = self._chunks(first)
         try:
             self.names = first.names
             self._check_required(first.path)
+        except BaseException:
+            first.close()
+            raise
+        stream = self._chunks(first)
+        try:
             sample, buffered = self._sample(stream)
             self.schema = self._build_schema(sample, first.path)
+            del sample  # its slices pin the first block's buffers
             kinds = {c.name: c.kind for c in self.schema.columns}
             self.rules = compile_rules(self.rules_parsed, kinds)
             self.raw_index = {n: i for i, n in enumerate(self.names)}
@@ -1012,9 +1117,6 @@ class _Ingestion:
                         self._process(fi, chunk)
                 finally:
                     self._close_writers()
-                    self.io.shutdown(wait=True)
-                    if self.pool is not None:
-                        self.pool.shutdown(wait=True)
                 self._finish()
                 ing.commit()
                 rej.commit()
@@ -1028,7 +1130,7 @@ class _Ingestion:
             rows_accepted=self.rows_accepted,
             rows_rejected=self.rows_rejected,
             reject_reasons=dict(self.reasons.most_common()),
-            warnings=self.warnings,
+            warnings=[w for ws in self.file_warnings for w in ws] + self.warnings,
             schema=self.schema.to_dict(),
             source_files=[str(p) for p in self.files],
         )
@@ -1041,14 +1143,14 @@ class _Ingestion:
             src = (
                 first
                 if fi == 0
-                else _open_source(path, self.block_size, self.latin1.get(path))
+                else _open_source(path, self.block_size, self.hints.get(path, _Hints()))
             )
             try:
                 if src.names != self.names:
                     raise InputError(
                         _header_mismatch(path, src.names, self.files[0], self.names)
                     )
-                self.warnings += src.warnings
+                self.file_warnings[fi] = src.warnings
                 self.delimiters[fi] = src.delimiter
                 self.kinds[fi] = src.kind
                 for chunk in src.chunks():
@@ -1067,11 +1169,15 @@ class _Ingestion:
             rows += item[1].raw.num_rows
             if rows >= SAMPLE_ROWS:
                 break
-        batches = [c.raw for _, c in buffered if c.raw.num_rows]
+        batches, left = [], SAMPLE_ROWS
+        for _, c in buffered:
+            if c.raw.num_rows and left > 0:
+                batches.append(c.raw.slice(0, left))
+                left -= batches[-1].num_rows
         sample = {}
         for i, name in enumerate(self.names):
             cols = [b.column(i) for b in batches] or [pa.array([], pa.string())]
-            sample[name] = pa.concat_arrays(cols).slice(0, SAMPLE_ROWS)
+            sample[name] = pa.concat_arrays(cols)
         return sample, buffered
 
     # ------------------------------------------------------------------- schema
@@ -1246,31 +1352,16 @@ class _Ingestion:
             ],
             metadata={"latentflow.source": self.source},
         )
-        self.writer = pq.ParquetWriter(ingested, self.out_schema)
-        self.rej_writer = pq.ParquetWriter(rejected, self.rej_schema)
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write")
-        self.writes: list[Future[None]] = []
-        workers = min(4, os.cpu_count() or 1)
-        self.pool = (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-parse")
-            if workers > 1
-            else None
+        # Random 64-bit ids never dictionary-encode well: trying costs ~15% of
+        # the write time.
+        self.writer = pq.ParquetWriter(
+            ingested, self.out_schema, use_dictionary=self.schema.names or False
         )
-
-    def _write(self, writer: pq.ParquetWriter, batch: pa.RecordBatch) -> None:
-        """Write in the background, in order, while the next block is parsed."""
-        self.writes.append(self.io.submit(writer.write_batch, batch))
-        while len(self.writes) > 2:  # bounds the blocks held in memory
-            self.writes.pop(0).result()
+        self.rej_writer = pq.ParquetWriter(rejected, self.rej_schema)
 
     def _close_writers(self) -> None:
-        try:
-            for f in self.writes:
-                f.result()
-        finally:
-            self.writes = []
-            for w in (self.writer, self.rej_writer):
-                w.close()
+        for w in (self.writer, self.rej_writer):
+            w.close()
 
     # --------------------------------------------------------------- processing
 
@@ -1293,20 +1384,17 @@ class _Ingestion:
                 return parse_date(col)
             return parse_text(col)
 
-        specs = self.schema.columns
-        # Arrow kernels release the GIL: big blocks parse their columns in parallel.
-        if n >= _PARALLEL_ROWS and self.pool is not None:
-            results = list(self.pool.map(parse, specs))
-        else:
-            results = [parse(spec) for spec in specs]
-        parsed = {spec.name: p for spec, p in zip(specs, results, strict=True)}
+        # Serial on purpose: a thread pool per column, a reading thread and a
+        # writing thread were each measured and gained nothing on 2 cores.
+        parsed: dict[str, Parsed] = {}
         problems: list[_Problem] = []
-        for spec, p in zip(specs, results, strict=True):
+        for spec in self.schema.columns:
+            parsed[spec.name] = p = parse(spec)
             problems += _cell_problems(spec, p)
         values = {name: p.values for name, p in parsed.items()}
         for rule in self.rules:
             broken = rule.violations(values)
-            if broken.any():
+            if broken is not None:
                 problems.append(_rule_problem(rule, broken, parsed))
         bad = np.zeros(n, bool)
         for prob in problems:
@@ -1420,22 +1508,21 @@ class _Ingestion:
             arr = values if take is None else values.take(take)
             arrays.append(arr)
             self._update_stats(c.name, arr)
-        self._write(
-            self.writer, pa.RecordBatch.from_arrays(arrays, schema=self.out_schema)
+        self.writer.write_batch(
+            pa.RecordBatch.from_arrays(arrays, schema=self.out_schema)
         )
         self.rows_accepted += len(idx)
 
     def _update_stats(self, name: str, arr: pa.Array) -> None:
-        st = self.stats.setdefault(name, [0, None, None])
+        """Count values and track whether a column is constant (for warnings)."""
+        st = self.stats.setdefault(name, [0, None, False])  # count, first, varied
         count = len(arr) - arr.null_count
         st[0] += count
-        # min/max only matter until they differ (then the column is not constant).
-        if not count or (st[1] is not None and st[1] != st[2]):
-            return
-        mm = pc.min_max(arr)
-        lo, hi = mm["min"].as_py(), mm["max"].as_py()
-        st[1] = lo if st[1] is None else min(st[1], lo)
-        st[2] = hi if st[2] is None else max(st[2], hi)
+        if not count or st[2]:
+            return  # nothing new, or already known to vary: no more work
+        if st[1] is None:
+            st[1] = pc.first(arr, skip_nulls=True)
+        st[2] = not pc.all(pc.equal(arr, st[1])).as_py()
 
     def _write_rejected(
         self, fi: int, chunk: _Chunk, idx: np.ndarray, problems: list[_Problem]
@@ -1499,7 +1586,7 @@ class _Ingestion:
             ],
             schema=self.rej_schema,
         )
-        self._write(self.rej_writer, batch)
+        self.rej_writer.write_batch(batch)
         self.rows_rejected += n
 
     # ------------------------------------------------------------------- finish
@@ -1530,11 +1617,12 @@ class _Ingestion:
         for c in self.schema.columns:
             if c.role == "key":
                 continue
-            count, lo, hi = self.stats.get(c.name, [0, None, None])
+            count, first, varied = self.stats.get(c.name, [0, None, False])
             if count == 0:
                 self.warnings.append(f"column {c.name!r} is entirely missing")
-            elif lo == hi:
-                self.warnings.append(f"column {c.name!r} is constant ({lo!r})")
+            elif not varied:
+                value = first.as_py()
+                self.warnings.append(f"column {c.name!r} is constant ({value!r})")
 
 
 _ARROW_TYPES = {
@@ -1546,9 +1634,12 @@ _ARROW_TYPES = {
 
 
 def _chain(
-    first: Iterable[tuple[int, _Chunk]], rest: Iterator[tuple[int, _Chunk]]
+    first: list[tuple[int, _Chunk]], rest: Iterable[tuple[int, _Chunk]]
 ) -> Iterator[tuple[int, _Chunk]]:
-    yield from first
+    """The buffered sample chunks, then the rest; each dropped once handed out."""
+    first.reverse()
+    while first:
+        yield first.pop()
     yield from rest
 
 
@@ -1617,3 +1708,6 @@ def _rule_problem(
         ]
 
     return _Problem(broken, f"rule {rule.text!r}", describe)
+
+
+ingest_task = task(ingest, name="ingest", **IO)

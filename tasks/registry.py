@@ -25,6 +25,8 @@ import models
 from models.bundle import LatentModel
 from tasks.decide import ChampionInfo
 from tasks.errors import RegistryError
+from tasks.faults import checkpoint
+from tasks.policy import PLAIN
 
 CHAMPION = "champion"
 BUNDLE_ARTIFACT = "model_dir"
@@ -176,6 +178,19 @@ def _signature_example(model: LatentModel, sample: pd.DataFrame) -> pd.DataFrame
     return ex
 
 
+def _signature(model: LatentModel, example: pd.DataFrame) -> Any:
+    """Input columns by name, any type: raw frames carry ints, floats, strings and
+    missing values, and the preprocessor coerces them itself (junk -> missing)."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    inputs = Schema(
+        [ColSpec(AnyType(), c, required=True) for c in model.preprocessor.input_columns]
+    )
+    outputs = infer_signature(example, model.predict_frame(example)).outputs
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
 def log_and_register(
     *,
     bundle_dir: Path,
@@ -198,12 +213,11 @@ def log_and_register(
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
-    from mlflow.models import infer_signature
 
     experiment_id = ensure_experiment(dataset, data_dir)
     model = LatentModel.load(bundle_dir)
     example = _signature_example(model, sample)
-    signature = infer_signature(example, model.predict_frame(example))
+    signature = _signature(model, example)
     client = MlflowClient()
 
     def run() -> RegisteredVersion:
@@ -237,6 +251,7 @@ def log_and_register(
                 await_registration_for=60,
             )
             version = int(info.registered_model_version)
+            checkpoint("register")
             if description:
                 client.update_model_version(name, str(version), description=description)
             for k, v in tags.items():
@@ -264,6 +279,20 @@ def promote(name: str, version: int, cache_dir: Path) -> None:
     )
 
 
+def tag_version(name: str, version: int, run_id: str, tags: dict[str, str]) -> None:
+    """Record a decision on both the model version and its MLflow run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+
+    def write() -> None:
+        for k, v in tags.items():
+            client.set_model_version_tag(name, str(version), k, v)
+            client.set_tag(run_id, k, v)
+
+    _safe(f"tag {name} v{version}", write)
+
+
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
@@ -276,8 +305,8 @@ def _requirements() -> list[str]:
     return pins
 
 
-find_champion_task = task(
-    find_champion, name="find-champion", retries=2, retry_delay_seconds=[2, 8]
-)
-log_and_register_task = task(log_and_register, name="register")
-promote_task = task(promote, name="promote")
+# Registry calls retry inside _safe with bounded backoff; no second retry layer.
+find_champion_task = task(find_champion, name="find-champion", **PLAIN)
+register_task = task(log_and_register, name="register", **PLAIN)
+promote_task = task(promote, name="promote", **PLAIN)
+tag_version_task = task(tag_version, name="tag-decision", **PLAIN)

@@ -8,9 +8,9 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.bundle import LatentModel
+from tasks.policy import PLAIN
 
 
 def worst_features(
@@ -87,7 +87,7 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", **PLAIN)
 def publish_report(
     summary: dict[str, Any],
     metrics: dict[str, float],
@@ -111,6 +111,4 @@ def publish_report(
         )
 
 
-worst_features_task = task(
-    worst_features, name="explain-anomalies", cache_policy=NO_CACHE
-)
+worst_features_task = task(worst_features, name="explain-anomalies", **PLAIN)

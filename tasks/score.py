@@ -8,7 +8,6 @@ swapped into place only when every row has been written.
 from __future__ import annotations
 
 import heapq
-import json
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -22,6 +21,8 @@ from prefect import task
 
 from models.bundle import LatentModel
 from tasks.errors import SchemaError
+from tasks.faults import checkpoint
+from tasks.policy import IO
 from tasks.storage import StagedPartition
 
 TOP_K = 20
@@ -124,6 +125,7 @@ def score_partition(
                     pa.array(np.full(n, model_version, dtype=np.int32)),
                 ]
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+                checkpoint("score")
                 rows += n
                 anomalies += int(flag.sum())
                 err_sum += float(err.sum(dtype=np.float64))
@@ -167,6 +169,4 @@ def read_metadata(partition: Path) -> dict[str, str]:
     }
 
 
-score_task = task(score_partition, name="score", retries=1, retry_delay_seconds=5)
-
-__all__ = ["ScoreResult", "json", "read_metadata", "score_partition", "score_task"]
+score_task = task(score_partition, name="score", **IO)

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import AlreadyRunningError, ConfigError
+from tasks.faults import checkpoint
 
 AREAS = ("ingested", "rejected", "latent")
 _DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -118,6 +120,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     )
 
 
+@functools.cache
 def _libc_renameat2() -> Any | None:
     libname = ctypes.util.find_library("c")
     if not libname:
@@ -177,6 +180,7 @@ class StagedPartition:
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(self.path)
+        checkpoint(f"commit-{self.final.parent.parent.name}")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if self.final.exists():
             if not exchange_dirs(self.path, self.final):

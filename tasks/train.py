@@ -17,13 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 from prefect import task
 
 from models.bundle import BundleInfo, LatentModel
 from models.estimator import AutoencoderReducer
 from models.preprocessing import TabularPreprocessor
+from tasks.drift import build_reference
 from tasks.errors import InputError
+from tasks.faults import checkpoint
+from tasks.policy import PLAIN
+from tasks.sampling import read_training_rows
 
 
 @dataclass
@@ -46,29 +49,6 @@ def _columns(schema: dict[str, Any], kinds: tuple[str, ...]) -> list[str]:
         for c in schema["columns"]
         if c.get("role") == "feature" and c.get("kind") in kinds
     ]
-
-
-def read_training_rows(
-    ingested_dir: Path, columns: list[str], max_rows: int, seed: int
-) -> tuple[pa.Table, int]:
-    """A seeded uniform sample of at most about ``max_rows`` rows, read streaming.
-
-    Returns the sample and the total number of rows in the partition.
-    """
-    dataset = pads.dataset(str(ingested_dir), format="parquet")
-    total = dataset.count_rows()
-    if total == 0:
-        raise InputError(f"{ingested_dir}: no rows to train on")
-    if total <= max_rows:
-        return dataset.to_table(columns=columns), total
-    frac = max_rows / total
-    rng = np.random.default_rng([seed, 1])
-    parts = []
-    for batch in dataset.to_batches(columns=columns, batch_size=262_144):
-        keep = rng.random(batch.num_rows) < frac
-        if keep.any():
-            parts.append(batch.filter(pa.array(keep)))
-    return pa.Table.from_batches(parts, schema=parts[0].schema), total
 
 
 def _binary_label(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
@@ -105,6 +85,7 @@ def train_model(
     max_train_rows: int = 2_000_000,
     holdout_fraction: float = 0.2,
     n_clusters: int | None = None,
+    champion_dir: Path | None = None,
     epoch_callback: Callable[[int, float, float], None] | None = None,
 ) -> TrainResult:
     """Fit a :class:`LatentModel` on the ingested partition and save it.
@@ -146,6 +127,10 @@ def train_model(
         "n_features_in": float(x_train.shape[1]),
     }
     metrics.update(_pca_baseline(x_train, x_hold, est.latent_dim, seed))
+    if champion_dir is not None:
+        champion_mse = mse_in_space(LatentModel.load(champion_dir), hold_t, pre, x_hold)
+        if champion_mse is not None:
+            metrics["champion_holdout_mse"] = champion_mse
     metrics["val_mse_vs_pca"] = metrics["val_mse"] / max(metrics["pca_val_mse"], 1e-12)
     if label:
         metrics.update(
@@ -170,6 +155,7 @@ def train_model(
         n_train_rows=int(x_train.shape[0]),
         metrics=metrics,
         cluster_centers=centers,
+        reference=build_reference(train_t, numeric, categorical, err_train),
     )
     LatentModel(pre, est, info).save(bundle_dir)
     sample = train_t.slice(0, 5).to_pandas()
@@ -188,6 +174,45 @@ def train_model(
         n_holdout=int(x_hold.shape[0]),
         sample=sample,
     )
+
+
+def mse_in_space(
+    model: LatentModel,
+    data: pa.Table,
+    target: TabularPreprocessor,
+    x_target: np.ndarray,
+) -> float | None:
+    """Reconstruction MSE of ``model`` on ``data``, measured in ``target``'s space.
+
+    A champion and a challenger scale their inputs with different statistics, so
+    their errors are only comparable after mapping the champion's reconstruction
+    into the challenger's space: numeric columns are unscaled with the champion's
+    statistics and rescaled with the target's; indicator and one-hot columns are
+    matched by name (a column the champion never had is reconstructed as 0).
+    Returns None when the champion cannot read ``data``.
+    """
+    src = model.preprocessor
+    try:
+        x_own = src.transform(data)
+    except ValueError:
+        return None
+    est = model.estimator
+    r_own = np.asarray(est.inverse_transform(est.transform(x_own)), dtype=np.float64)
+    index = {n: i for i, n in enumerate(src.feature_names_out_)}
+    own_stats = {c: (src.means_[i], src.scales_[i]) for i, c in enumerate(src.numeric)}
+    tgt_stats = {
+        c: (target.means_[i], target.scales_[i]) for i, c in enumerate(target.numeric)
+    }
+    recon = np.zeros(x_target.shape, dtype=np.float64)
+    for j, name in enumerate(target.feature_names_out_):
+        if name not in index:
+            continue
+        col = r_own[:, index[name]]
+        if name in own_stats and name in tgt_stats:
+            (m0, s0), (m1, s1) = own_stats[name], tgt_stats[name]
+            col = (col * s0 + m0 - m1) / s1
+        recon[:, j] = col
+    return float(((recon - x_target.astype(np.float64)) ** 2).mean())
 
 
 def _pca_baseline(
@@ -227,4 +252,23 @@ def _probe_metrics(
     }
 
 
-train_task = task(train_model, name="train")
+@task(name="train", **PLAIN)
+def train_task(**kwargs: Any) -> TrainResult:
+    """Train with per-epoch logs and a progress artifact the UI updates live."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    epochs = int(kwargs["estimator_params"]["epochs"])
+    progress = create_progress_artifact(0.0, description="training epochs")
+
+    def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
+        logger.info(
+            "epoch %d: train_loss=%.5f val_loss=%.5f", epoch, train_loss, val_loss
+        )
+        update_progress_artifact(progress, min(100.0, 100.0 * (epoch + 1) / epochs))
+        checkpoint("train")
+
+    result = train_model(**kwargs, epoch_callback=on_epoch)
+    update_progress_artifact(progress, 100.0)
+    return result

@@ -80,7 +80,34 @@ def _with_nulls(arr: pa.Array, missing: pa.Array) -> pa.Array:
 
 def clean_text(raw: pa.Array) -> pa.Array:
     """Stripped cell text with the null markers turned into nulls."""
-    return _markers_to_null(pc.utf8_trim_whitespace(raw))
+    if _may_need_trim(raw):
+        raw = pc.utf8_trim_whitespace(raw)
+    return _markers_to_null(raw)
+
+
+# Bytes a cell may start or end with when it needs trimming: ASCII whitespace,
+# and any non-ASCII byte (it may belong to a Unicode space such as U+00A0).
+_TRIM_BYTES = np.zeros(256, bool)
+_TRIM_BYTES[list(b" \t\n\r\x0b\x0c")] = True
+_TRIM_BYTES[0x80:] = True
+
+
+def _may_need_trim(arr: pa.Array) -> bool:
+    """False when no cell starts or ends with whitespace (checked in numpy)."""
+    if isinstance(arr, pa.ChunkedArray) or arr.type != pa.string() or not len(arr):
+        return True
+    bufs = arr.buffers()
+    if bufs[2] is None or len(bufs[2]) == 0:
+        return False
+    offsets = np.frombuffer(
+        bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4
+    )
+    data = np.frombuffer(bufs[2], dtype=np.uint8)
+    top = len(data) - 1
+    # Empty cells read a neighbour's byte: at worst a needless trim.
+    first = data[np.minimum(offsets[:-1], top)]
+    last = data[np.clip(offsets[1:] - 1, 0, top)]
+    return bool(_TRIM_BYTES[first].any() or _TRIM_BYTES[last].any())
 
 
 def _markers_to_null(text: pa.Array) -> pa.Array:
@@ -235,14 +262,25 @@ def parse_text(raw: pa.Array) -> Parsed:
 def numeric_share(text: pa.Array, decimal_comma: bool = False) -> float:
     """Share of the non-null cells that are finite numbers (for type inference).
 
-    ``text`` is cleaned (stripped, markers as nulls). A pattern test first: a
-    failing cast costs time per bad cell, and text columns are all bad cells.
+    ``text`` is cleaned (stripped, markers as nulls). A clean numeric column
+    takes one fast cast; a failing cast costs time per bad cell, so columns
+    whose first cells are not numbers go straight to a pattern test.
     """
     n = len(text) - text.null_count
     if n == 0:
         return 0.0
     if decimal_comma:
         text = pc.replace_substring(text, ",", ".", max_replacements=1)
+    head = text.slice(0, 64)
+    looks_numeric = (
+        pc.sum(pc.match_substring_regex(head, _FLOAT_RE)).as_py() or 0
+    ) >= (len(head) - head.null_count) / 2
+    if looks_numeric:
+        try:
+            values = pc.cast(text, pa.float64())
+            return (pc.sum(pc.is_finite(values)).as_py() or 0) / n
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
     ok = pc.match_substring_regex(text, _FLOAT_RE)
     matching = pc.sum(ok).as_py() or 0
     if matching < _MIN_SHARE_FOR_CAST * n:
@@ -623,12 +661,17 @@ class CompiledRule:
             out = pc.and_kleene(out, _PC_OP[ops[1]](vals[1], vals[2]))
         return out
 
-    def violations(self, cols: Mapping[str, pa.Array]) -> np.ndarray:
-        """Rows breaking the rule; a missing operand is never a violation."""
-        broken = _mask(pc.invert(self._eval(self.cond, cols)))
+    def violations(self, cols: Mapping[str, pa.Array]) -> np.ndarray | None:
+        """Rows breaking the rule (None: no row does).
+
+        A missing operand is never a violation: nulls count as "holds".
+        """
+        broken = pc.fill_null(pc.invert(self._eval(self.cond, cols)), False)
         if self.when is not None:
-            broken &= _mask(self._eval(self.when, cols))
-        return broken
+            broken = pc.and_(broken, pc.fill_null(self._eval(self.when, cols), False))
+        if not pc.any(broken).as_py():
+            return None
+        return _mask(broken)
 
 
 def _family(kind: str) -> str:

@@ -29,7 +29,6 @@ from tasks.validate import parse_rule
 
 RUN = date(2024, 1, 1)
 HEADER = "Date,Location,MinTemp,MaxTemp,Rainfall,RainToday\n"
-WEATHER = Path("/work/shared/data/weatherAUS.csv")
 
 
 def rows(n: int, start: int = 0) -> str:
@@ -312,8 +311,32 @@ def test_unterminated_quote_in_the_last_column(tmp_path: Path) -> None:
     assert 'a quote (") opened near row 12 is never closed' in msg
 
 
+def test_reading_ahead_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pyarrow alone reads up to 32 blocks ahead (the whole file here); memory
+    # must stay a few blocks whatever the file size.
+    monkeypatch.setattr(ingest_mod, "_HEAD_BYTES", 4096)
+    src = put(tmp_path / "big.csv", HEADER + rows(40_000))  # ~1.5 MB, 90 blocks
+    block = 16 << 10
+    source = ingest_mod._open_source(src, block, ingest_mod._Hints())
+    try:
+        chunks = source.chunks()
+        next(chunks)
+        next(chunks)
+        # Raw reads are at least 64 KiB; a few of them, not the whole file.
+        assert source.stream.raw_bytes <= 4096 + 4 * (64 << 10)
+        assert 2 + sum(1 for _ in chunks) > 60  # and the rest still streams
+    finally:
+        source.close()
+
+
 def test_quoted_fields_with_commas_and_newlines_are_fine(tmp_path: Path) -> None:
-    text = 'Date,Location,Note\n2020-01-01,"A, B","two\nlines"\n2020-01-02,C,"say ""hi"""\n'
+    text = (
+        "Date,Location,Note\n"
+        '2020-01-01,"A, B","two\nlines"\n'
+        '2020-01-02,C,"say ""hi"""\n'
+    )
     res = run(put(tmp_path / "q.csv", text), tmp_path, keys=["Date"])
     assert part(res).column("Location").to_pylist() == ["A, B", "C"]
     assert part(res).column("Note").to_pylist() == ["two\nlines", 'say "hi"']
@@ -618,10 +641,11 @@ def test_weatheraus_rules_parse_and_compile() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not WEATHER.exists(), reason="weatherAUS.csv not available")
-def test_weatheraus_rules_hold_on_the_real_file(tmp_path: Path) -> None:
+def test_weatheraus_rules_hold_on_the_real_file(
+    tmp_path: Path, weather_csv: Path
+) -> None:
     res = ingest(
-        WEATHER,
+        weather_csv,
         tmp_path / "data",
         "weather",
         RUN,
@@ -651,7 +675,11 @@ def test_row_ids_are_stable_across_runs_reordering_and_blocks(tmp_path: Path) ->
         t = part(res)
         return dict(
             zip(
-                zip(t.column("Date").to_pylist(), t.column("Location").to_pylist()),
+                zip(
+                    t.column("Date").to_pylist(),
+                    t.column("Location").to_pylist(),
+                    strict=True,
+                ),
                 t.column("_row_id").to_pylist(),
                 strict=True,
             )

@@ -9,6 +9,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,6 +113,8 @@ def _check(data: bytes, suffix: str, **kw: object) -> None:
         assert ok.column_names[0] == "_row_id"
 
 
+# pyarrow swallows an exception in a row handler and prints it: fail on that too.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @settings(
     max_examples=150,
     deadline=None,

@@ -54,7 +54,7 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
 
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("weatheraus-autoencoder", "champion")
-    assert mv.version == "1" and "PCA" in (mv.description or "")
+    assert int(mv.version) == 1 and "PCA" in (mv.description or "")
     run1 = client.get_run(s1["mlflow_run_id"])
     assert {"val_mse", "pca_val_mse", "probe_auc"} <= set(run1.data.metrics)
     assert len(client.get_metric_history(s1["mlflow_run_id"], "train_loss")) >= 1
@@ -63,10 +63,22 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
     assert not s2["trained"] and s2["model_version"] == 1
     pd.testing.assert_frame_equal(read_latent(s2), out)
 
+    # A forced retrain makes a challenger; an identical one must not replace the
+    # champion (the gate wants a 2% lower holdout MSE).
     s3 = run(small_csv, data, run_date=D2, retrain=True)
-    assert s3["trained"] and s3["reason"] == "forced" and s3["model_version"] == 2
+    assert s3["trained"] and s3["reason"].startswith("forced")
+    assert s3["decision"] == "keep_champion" and s3["model_version"] == 1
+    v2 = client.get_model_version("weatheraus-autoencoder", "2")
+    assert v2.tags["decision"] == "rejected"
+    assert float(v2.tags["challenger_holdout_mse"]) > 0
+    assert float(v2.tags["champion_holdout_mse"]) > 0
     mv = client.get_model_version_by_alias("weatheraus-autoencoder", "champion")
-    assert mv.version == "2"
+    assert int(mv.version) == 1
+    # A clearly better challenger is promoted.
+    s4 = run(small_csv, data, run_date=D2, retrain=True, latent_dim=8, epochs=12)
+    assert s4["decision"] == "promote" and s4["model_version"] == 3
+    mv = client.get_model_version_by_alias("weatheraus-autoencoder", "champion")
+    assert int(mv.version) == 3 and mv.tags["decision"] == "promoted"
     # The earlier date's partition is untouched by a later date's run.
     pd.testing.assert_frame_equal(read_latent(s1), out)
 

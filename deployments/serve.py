@@ -1,0 +1,296 @@
+"""``make serve``: a local Prefect server, the deployments and the MLflow UI.
+
+Starts, all on 127.0.0.1 unless ``--host`` says otherwise:
+
+1. ``prefect server start`` (SQLite under ``<data-dir>/.prefect``), API and UI
+   on ``--port`` (4200);
+2. ``mlflow ui`` on the data dir's store (``sqlite:///<data-dir>/mlflow.db``),
+   on ``--mlflow-port`` (5000);
+3. ``python -m deployments.deploy serve``: registers ``weatheraus-nightly``
+   (02:00 Australia/Sydney) and ``latentflow-on-demand`` and runs their flow
+   runs as subprocesses, writing under the same data dir.
+
+It prints the URLs and waits. Ctrl-C or SIGTERM stops the three (runner first,
+then MLflow, then the server; SIGKILL after a grace period), each started in
+its own process group so that their own children go too. If one of them dies
+the others are stopped and the exit status is 1.
+
+Every child gets the same settings: ``PREFECT_API_URL`` and
+``PREFECT_UI_API_URL`` both point at this server (the UI would otherwise call
+port 4200 whatever ``--port`` is), telemetry is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STOP_GRACE_SECONDS = 20.0
+
+
+@dataclass
+class Child:
+    """One supervised process and how to tell it is ready."""
+
+    name: str
+    argv: list[str]
+    health_url: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str], log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"{self.name}.log", "ab")  # noqa: SIM115 - owned by Popen
+        # Own process group: Ctrl-C in the terminal reaches only us, and we stop
+        # children in order; killing the group also ends their own children.
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        # Leftovers of the group (e.g. a flow run that ignored SIGTERM).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def service_env(
+    *, host: str, port: int, data_dir: Path, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment shared by the server, the runner, flow runs and MLflow."""
+    env = dict(os.environ if base is None else base)
+    api = f"http://{_url_host(host)}:{port}/api"
+    env.update(
+        {
+            "PREFECT_HOME": str(data_dir / ".prefect"),
+            "PREFECT_API_URL": api,
+            "PREFECT_UI_API_URL": api,
+            "PREFECT_UI_URL": api.removesuffix("/api"),
+            "PREFECT_SERVER_API_HOST": host,
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "GIT_PYTHON_REFRESH": "quiet",
+            "LATENTFLOW_DATA_DIR": str(data_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    # A user's MLflow server would split the runs' store from the UI shown here.
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _url_host(host: str) -> str:
+    # 0.0.0.0 is a bind address, not one a browser can call.
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on ``host:port`` (so we can bind it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_http_ok(url: str, timeout: float, child: Child | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``child`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def children(
+    *, host: str, port: int, mlflow_port: int | None, data_dir: Path
+) -> list[Child]:
+    """The processes to start, in start order."""
+    url = f"http://{_url_host(host)}:{port}"
+    procs = [
+        Child(
+            "prefect-server",
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ],
+            health_url=f"{url}/api/health",
+        )
+    ]
+    if mlflow_port is not None:
+        procs.append(
+            Child(
+                "mlflow-ui",
+                [
+                    str(BIN / "mlflow"),
+                    "ui",
+                    "--backend-store-uri",
+                    f"sqlite:///{(data_dir / 'mlflow.db').as_posix()}",
+                    "--host",
+                    host,
+                    "--port",
+                    str(mlflow_port),
+                ],
+                health_url=f"http://{_url_host(host)}:{mlflow_port}/health",
+            )
+        )
+    procs.append(
+        Child("deployments", [sys.executable, "-m", "deployments.deploy", "serve"])
+    )
+    return procs
+
+
+class _Stop(Exception):
+    """Raised from the signal handler to leave the wait loop."""
+
+
+def run(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    mlflow_port: int | None = 5000,
+    data_dir: Path,
+    start_timeout: float = 180.0,
+) -> int:
+    """Start everything, print the URLs, wait for a signal; returns the exit code."""
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = data_dir / ".serve-logs"
+    busy = [p for p in (port, mlflow_port) if p is not None and not port_free(host, p)]
+    if busy:
+        print(
+            f"serve: port(s) {', '.join(map(str, busy))} on {host} are in use;"
+            " pick others with --port / --mlflow-port",
+            file=sys.stderr,
+        )
+        return 2
+    env = service_env(host=host, port=port, data_dir=data_dir)
+    procs = children(host=host, port=port, mlflow_port=mlflow_port, data_dir=data_dir)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        for child in procs:
+            print(f"serve: starting {child.name} …", file=sys.stderr, flush=True)
+            child.start(env, log_dir)
+            if child.health_url:
+                # MLflow creates its SQLite store before runs may write to it.
+                wait_http_ok(child.health_url, start_timeout, child)
+        ui = f"http://{_url_host(host)}:{port}"
+        print(f"Prefect UI:  {ui}", flush=True)
+        print(f"Prefect API: {ui}/api", flush=True)
+        if mlflow_port is not None:
+            print(f"MLflow UI:   http://{_url_host(host)}:{mlflow_port}", flush=True)
+        print(f"data dir:    {data_dir}", flush=True)
+        print(f"logs:        {log_dir}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while True:
+            dead = [c for c in procs if c.proc is not None and not c.alive()]
+            if dead:
+                names = ", ".join(f"{c.name} (exit {c.proc.returncode})" for c in dead)
+                print(f"serve: {names} stopped; see {log_dir}", file=sys.stderr)
+                code = 1
+                break
+            time.sleep(1.0)
+    except _Stop as stop:
+        print(f"serve: {stop}, stopping …", file=sys.stderr, flush=True)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"serve: {exc}; see {log_dir}", file=sys.stderr)
+        code = 1
+    finally:
+        # A second Ctrl-C while stopping must not leave orphans behind.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        for child in reversed(procs):
+            child.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deployments.serve",
+        description="Local Prefect server + latentflow deployments + MLflow UI.",
+    )
+    p.add_argument("--host", default=os.environ.get("LATENTFLOW_SERVE_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--port", type=int, default=int(os.environ.get("LATENTFLOW_SERVE_PORT", 4200))
+    )
+    p.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=int(os.environ.get("LATENTFLOW_MLFLOW_PORT", 5000)),
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not start the MLflow UI")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("LATENTFLOW_DATA_DIR", str(REPO / ".serve")),
+        help="outputs, MLflow store and Prefect database (default ./.serve)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run(
+        host=args.host,
+        port=args.port,
+        mlflow_port=None if args.no_mlflow else args.mlflow_port,
+        data_dir=Path(args.data_dir),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

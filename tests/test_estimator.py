@@ -1,0 +1,429 @@
+"""AutoencoderReducer: scikit-learn contract, determinism, quality and persistence."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from models import AutoencoderReducer
+
+EXPECTED_FAILED_CHECKS = {
+    "check_methods_subset_invariance": (
+        "the network computes in float32 and BLAS kernels are chosen by batch "
+        "shape, so outputs on a subset can differ from the full-batch ones in the "
+        "last float32 ulp (~1e-7 relative); the check demands rtol=1e-7"
+    ),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread() -> Iterator[None]:
+    # These models are tiny, so intra-op threads only add OpenMP barriers, which
+    # spin badly when a shared CI runner is busy (10x slowdowns seen).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _gaussian(n: int = 300, d: int = 6, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 3))
+    return z @ rng.normal(size=(3, d)) + 0.1 * rng.normal(size=(n, d))
+
+
+def _small(**kwargs: object) -> AutoencoderReducer:
+    params: dict[str, object] = {
+        "latent_dim": 2,
+        "hidden": (16,),
+        "epochs": 5,
+        "batch_size": 64,
+        "random_state": 0,
+    }
+    params.update(kwargs)
+    return AutoencoderReducer(**params)
+
+
+# -- scikit-learn contract --------------------------------------------------------
+@parametrize_with_checks(
+    [AutoencoderReducer(epochs=3, random_state=0)],
+    expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS,
+)
+def test_sklearn_compatible(estimator: AutoencoderReducer, check) -> None:
+    check(estimator)
+
+
+def test_params_clone_and_fitted_attributes() -> None:
+    est = _small(kind="denoising", epochs=4)
+    params = est.get_params()
+    assert params["kind"] == "denoising" and params["hidden"] == (16,)
+    assert est.set_params(lr=0.01) is est and est.lr == 0.01
+    twin = clone(est)
+    assert twin.get_params() == est.get_params()
+    assert not hasattr(twin, "network_")
+
+    X = _gaussian()
+    assert est.fit(X) is est
+    assert est.n_features_in_ == X.shape[1]
+    assert not hasattr(est, "feature_names_in_")
+    assert est.device_ == "cpu"
+    assert set(est.history_) == {"train_loss", "val_loss"}
+    assert len(est.history_["train_loss"]) == len(est.history_["val_loss"])
+    assert len(est.history_["train_loss"]) == est.n_epochs_ <= 4
+    assert 0 <= est.best_epoch_ < est.n_epochs_
+    assert est.val_loss_ == est.history_["val_loss"][est.best_epoch_]
+    assert est.val_loss_ == min(est.history_["val_loss"])
+    assert est.decision_scores_.shape == (X.shape[0],)
+    assert set(np.unique(est.labels_)) <= {0, 1}
+    assert isinstance(est.network_, torch.nn.Module)
+    # The fitted clone is independent of the original.
+    assert not hasattr(clone(est), "network_")
+
+
+def test_transform_shapes_dtypes_and_consistency() -> None:
+    X = _gaussian()
+    est = _small(latent_dim=3).fit(X)
+    Z64 = est.transform(X)
+    Z32 = est.transform(X.astype(np.float32))
+    assert Z64.shape == (X.shape[0], 3) and Z64.dtype == np.float64
+    assert Z32.dtype == np.float32
+    np.testing.assert_array_equal(Z64, Z32.astype(np.float64))
+    np.testing.assert_array_equal(est.fit_transform(X), Z64)
+
+    recon = est.inverse_transform(Z64)
+    assert recon.shape == X.shape and recon.dtype == np.float64
+    scores = est.decision_function(X)
+    np.testing.assert_allclose(((recon - X) ** 2).mean(axis=1), scores, rtol=1e-4)
+    fe = est.feature_errors(X)
+    assert isinstance(fe, np.ndarray) and fe.shape == X.shape
+    np.testing.assert_allclose(fe.mean(axis=1), scores, rtol=1e-5)
+    assert est.score(X) == pytest.approx(-scores.mean())
+
+    latent, err = est.encode_and_score(X.astype(np.float32))
+    assert latent.dtype == np.float32 and err.dtype == np.float32
+    np.testing.assert_array_equal(latent, Z32)
+    np.testing.assert_array_equal(err.astype(np.float64), scores)
+    with pytest.raises(ValueError, match="expects"):
+        est.encode_and_score(X[:, :-1].astype(np.float32))
+    with pytest.raises(ValueError, match="latent_dim=3"):
+        est.inverse_transform(np.zeros((2, 2)))
+    names = est.get_feature_names_out()
+    assert names.dtype == object
+    assert list(names) == ["latent_0", "latent_1", "latent_2"]
+
+
+def test_epoch_callback_and_early_stopping() -> None:
+    seen: list[tuple[int, float, float]] = []
+    X = _gaussian(400)
+    est = _small(
+        epochs=200,
+        patience=3,
+        lr=0.05,
+        epoch_callback=lambda e, tr, va: seen.append((e, tr, va)),
+    ).fit(X)
+    assert [s[0] for s in seen] == list(range(est.n_epochs_))
+    assert [s[1] for s in seen] == est.history_["train_loss"]
+    assert [s[2] for s in seen] == est.history_["val_loss"]
+    assert est.n_epochs_ < 200, "patience=3 should stop long before 200 epochs"
+    assert est.n_epochs_ - 1 - est.best_epoch_ == 3
+
+
+def test_no_validation_split_monitors_training_loss() -> None:
+    X = _gaussian(50)  # 10% would be 5 rows: too few to validate on
+    est = _small(epochs=3, patience=None).fit(X)
+    assert est.n_epochs_ == 3
+    # For kind="ae" the objective is the reconstruction MSE itself.
+    assert est.history_["val_loss"] == pytest.approx(est.history_["train_loss"])
+
+
+def test_dataframe_input_and_pandas_output() -> None:
+    X = _gaussian()
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+    df.index = df.index + 1000
+    est = _small().set_output(transform="pandas")
+    out = est.fit_transform(df)
+    assert isinstance(out, pd.DataFrame)
+    assert list(out.columns) == ["latent_0", "latent_1"]
+    assert out.index.equals(df.index)
+    assert list(est.feature_names_in_) == list(df.columns)
+    fe = est.feature_errors(df)
+    assert isinstance(fe, pd.DataFrame)
+    assert list(fe.columns) == list(df.columns) and fe.index.equals(df.index)
+
+
+# -- determinism ------------------------------------------------------------------
+def test_same_seed_same_weights_different_seed_differs() -> None:
+    X = _gaussian()
+    a = _small(kind="vae", random_state=3).fit(X)
+    b = _small(kind="vae", random_state=3).fit(X)
+    c = _small(kind="vae", random_state=4).fit(X)
+    sa, sb, sc = (e.network_.state_dict() for e in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+    np.testing.assert_array_equal(a.decision_scores_, b.decision_scores_)
+    assert a.history_ == b.history_
+    assert not np.array_equal(a.transform(X), c.transform(X))
+
+
+def test_fit_leaves_global_rng_state_alone() -> None:
+    torch_state = torch.random.get_rng_state()
+    np_state = np.random.get_state()
+    _small(kind="denoising").fit(_gaussian())
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+
+
+# -- quality ----------------------------------------------------------------------
+def _curved_sheet(n: int, seed: int) -> np.ndarray:
+    """A 2-D manifold curved through 10 dimensions, plus small noise."""
+    rng = np.random.default_rng(seed)
+    u, v = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    coords = np.column_stack(
+        [
+            np.cos(np.pi * u),
+            np.sin(np.pi * u),
+            np.cos(2 * np.pi * u),
+            np.sin(2 * np.pi * u),
+            v,
+            v * np.cos(np.pi * u),
+            v**2,
+        ]
+    )
+    embed = np.random.default_rng(123).normal(size=(coords.shape[1], 10))
+    return coords @ embed + 0.05 * rng.normal(size=(n, 10))
+
+
+def test_beats_pca_on_a_nonlinear_manifold() -> None:
+    scaler = StandardScaler().fit(_curved_sheet(1000, 0))
+    X_train = scaler.transform(_curved_sheet(1000, 0))
+    X_test = scaler.transform(_curved_sheet(400, 1))
+    pca = PCA(n_components=2).fit(X_train)
+    pca_mse = np.mean((pca.inverse_transform(pca.transform(X_test)) - X_test) ** 2)
+    est = AutoencoderReducer(
+        latent_dim=2, epochs=60, batch_size=64, lr=5e-3, random_state=0
+    ).fit(X_train)
+    ae_mse = -est.score(X_test)
+    # Measured: PCA ~0.40, autoencoder ~0.01; demand at least a 2x improvement.
+    assert ae_mse < 0.5 * pca_mse, (ae_mse, pca_mse)
+    assert est.val_loss_ < 0.5 * pca_mse
+
+
+def test_planted_outliers_rank_high() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1000, 3)) @ rng.normal(size=(3, 8))
+    X += 0.1 * rng.normal(size=X.shape)
+    outliers = rng.choice(len(X), size=10, replace=False)
+    X[outliers] += 3 * rng.normal(size=(10, 8))
+    X = StandardScaler().fit_transform(X)
+    y = np.zeros(len(X), dtype=int)
+    y[outliers] = 1
+
+    est = AutoencoderReducer(
+        latent_dim=3,
+        hidden=(16,),
+        epochs=40,
+        batch_size=64,
+        lr=5e-3,
+        contamination=0.02,
+        random_state=0,
+    ).fit(X)
+    assert roc_auc_score(y, est.decision_scores_) > 0.9
+    assert roc_auc_score(y, est.decision_function(X)) > 0.9
+    assert est.threshold_ == np.quantile(est.decision_scores_, 1 - 0.02)
+    labels = est.predict(X)
+    assert set(np.unique(labels)) <= {0, 1}
+    np.testing.assert_array_equal(labels, est.labels_)
+    assert abs(labels.mean() - 0.02) <= 2 / len(X)
+
+
+# -- persistence ------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[AutoencoderReducer, Path, np.ndarray]:
+    X = _gaussian()
+    df = pd.DataFrame(X, columns=[f"c{i}" for i in range(X.shape[1])])
+    est = _small(epoch_callback=lambda *a: None).fit(df)
+    path = est.save(tmp_path / "model")
+    return est, path, X
+
+
+def test_save_load_round_trip(
+    saved: tuple[AutoencoderReducer, Path, np.ndarray],
+) -> None:
+    est, path, X = saved
+    assert sorted(p.name for p in path.iterdir()) == ["estimator.json", "weights.pt"]
+    meta = json.loads((path / "estimator.json").read_text())
+    assert "epoch_callback" not in meta["params"]
+    assert meta["format_version"] == 1
+
+    loaded = AutoencoderReducer.load(path)
+    assert loaded.device_ == "cpu" and loaded.epoch_callback is None
+    params = {k: v for k, v in est.get_params().items() if k != "epoch_callback"}
+    assert {k: loaded.get_params()[k] for k in params} == params | {"device": "cpu"}
+    df = pd.DataFrame(X, columns=list(est.feature_names_in_))
+    np.testing.assert_array_equal(loaded.transform(df), est.transform(df))
+    np.testing.assert_array_equal(
+        loaded.decision_function(df), est.decision_function(df)
+    )
+    np.testing.assert_array_equal(loaded.decision_scores_, est.decision_scores_)
+    np.testing.assert_array_equal(loaded.labels_, est.labels_)
+    assert list(loaded.feature_names_in_) == list(est.feature_names_in_)
+    for attr in ("threshold_", "val_loss_", "n_epochs_", "best_epoch_", "history_"):
+        assert getattr(loaded, attr) == getattr(est, attr)
+    # Saving again over an existing model replaces it cleanly.
+    loaded.save(path)
+    assert sorted(p.name for p in path.iterdir()) == ["estimator.json", "weights.pt"]
+
+
+def test_load_rejects_random_bytes(
+    saved: tuple[AutoencoderReducer, Path, np.ndarray],
+) -> None:
+    _, path, _ = saved
+    (path / "weights.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match=r"weights\.pt in .*model.* not a valid"):
+        AutoencoderReducer.load(path)
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_load_never_unpickles_objects(
+    saved: tuple[AutoencoderReducer, Path, np.ndarray], tmp_path: Path
+) -> None:
+    _, path, _ = saved
+    marker = tmp_path / "code-ran"
+    torch.save({"network.encoder.0.weight": _Payload(marker)}, path / "weights.pt")
+    with pytest.raises(ValueError, match=r"weights\.pt in .* not a valid weights file"):
+        AutoencoderReducer.load(path)
+    assert not marker.exists()
+    # Plain pickle too, not only torch.save's zip container.
+    (path / "weights.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match=r"weights\.pt"):
+        AutoencoderReducer.load(path)
+    assert not marker.exists()
+
+
+def test_load_rejects_non_tensor_values_and_swapped_weights(
+    saved: tuple[AutoencoderReducer, Path, np.ndarray], tmp_path: Path
+) -> None:
+    _, path, X = saved
+    original = (path / "weights.pt").read_bytes()
+    torch.save({"network.encoder.0.weight": "not a tensor"}, path / "weights.pt")
+    with pytest.raises(ValueError, match="dict of named tensors"):
+        AutoencoderReducer.load(path)
+
+    # Same architecture, other weights: caught by the checksum in the JSON.
+    columns = [f"c{i}" for i in range(X.shape[1])]
+    other = _small(random_state=99).fit(pd.DataFrame(X, columns=columns))
+    other.save(tmp_path / "other")
+    (path / "weights.pt").write_bytes((tmp_path / "other" / "weights.pt").read_bytes())
+    with pytest.raises(ValueError, match="checksum"):
+        AutoencoderReducer.load(path)
+    (path / "weights.pt").write_bytes(original)
+    AutoencoderReducer.load(path)
+
+
+def test_load_rejects_shape_mismatch_and_bad_json(
+    saved: tuple[AutoencoderReducer, Path, np.ndarray],
+) -> None:
+    _, path, _ = saved
+    meta_path = path / "estimator.json"
+    meta = json.loads(meta_path.read_text())
+
+    meta["architecture"]["hidden"] = [17]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"weights\.pt in .* does not match"):
+        AutoencoderReducer.load(path)
+
+    meta_path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"estimator\.json in .* not valid JSON"):
+        AutoencoderReducer.load(path)
+
+    meta_path.unlink()
+    with pytest.raises(ValueError, match=r"estimator\.json in .* missing"):
+        AutoencoderReducer.load(path)
+
+
+def test_errors_are_one_line(
+    saved: tuple[AutoencoderReducer, Path, np.ndarray],
+) -> None:
+    _, path, _ = saved
+    (path / "weights.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError) as info:
+        AutoencoderReducer.load(path)
+    assert "\n" not in str(info.value)
+
+
+# -- integration ------------------------------------------------------------------
+def test_pipeline_with_kmeans() -> None:
+    X = _gaussian(400)
+    Y = _gaussian(50, seed=1)
+    pipe = make_pipeline(
+        StandardScaler(),
+        _small(latent_dim=2),
+        KMeans(n_clusters=4, n_init=3, random_state=0),
+    )
+    labels = pipe.fit(X).predict(Y)
+    assert labels.shape == (50,)
+    assert set(np.unique(labels)) <= set(range(4))
+
+
+def test_sample_needs_vae() -> None:
+    est = _small().fit(_gaussian())
+    with pytest.raises(ValueError, match="kind='vae'"):
+        est.sample(3)
+
+
+def test_invalid_hyperparameters() -> None:
+    X = _gaussian()
+    with pytest.raises(ValueError, match="hidden"):
+        _small(hidden=(16, 0)).fit(X)
+    with pytest.raises(ValueError, match="kind"):
+        _small(kind="gan").fit(X)
+    with pytest.raises(ValueError, match="device"):
+        _small(device="tpu").fit(X)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_requested_without_cuda() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        _small(device="cuda").fit(_gaussian())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fit_save_load_on_cpu(tmp_path: Path) -> None:
+    X = _gaussian()
+    est = _small(device="cuda", kind="vae").fit(X)
+    assert est.device_.startswith("cuda")
+    assert next(est.network_.parameters()).is_cuda
+    est.save(tmp_path / "m")
+    loaded = AutoencoderReducer.load(tmp_path / "m", device="cpu")
+    assert loaded.device_ == "cpu"
+    np.testing.assert_allclose(loaded.transform(X), est.transform(X), atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.decision_function(X), est.decision_function(X), rtol=1e-4, atol=1e-6
+    )
+    _, err = est.encode_and_score(X.astype(np.float32))
+    np.testing.assert_array_equal(err.astype(np.float64), est.decision_function(X))

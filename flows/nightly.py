@@ -150,6 +150,13 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         "mlflow_run_id": run_id,
         "output": scored.output_dir,
     }
+    if drift is not None:
+        summary["drift"] = {
+            "drifted": drift.drifted,
+            "max_psi": max(drift.psi.values(), default=0.0),
+            "error_median_ratio": round(drift.error_median_ratio, 4),
+            "error_p99_ratio": round(drift.error_p99_ratio, 4),
+        }
     keys = [c["name"] for c in ing.schema["columns"] if c.get("role") == "key"]
     top = worst_features_task.with_options(task_run_name=f"explain-{tag}")(
         Path(ing.ingested_dir),

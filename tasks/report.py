@@ -66,6 +66,14 @@ def summary_markdown(
         f"| MLflow run | {summary.get('mlflow_run_id', '')} |",
         f"| output | `{summary['output']}` |",
     ]
+    drift = summary.get("drift")
+    if drift:
+        lines += [
+            f"| drift | max PSI {drift['max_psi']:.3f};"
+            f" drifted {drift['drifted'] or 'none'};"
+            f" error ratio median x{drift['error_median_ratio']:.2f},"
+            f" p99 x{drift['error_p99_ratio']:.2f} |",
+        ]
     if metrics:
         lines += [
             "",

@@ -6,6 +6,7 @@ stage (``tasks/faults.py``), not a mocked exception.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -38,19 +39,52 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start(csv: Path, data: Path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN), "run", "--input", str(csv), "--data-dir", str(data), *FAST, *args],
-        env=env_for(data.parent, **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Run:
+    """A ``latentflow run`` in its own process group, output captured in files.
+
+    A SIGKILLed run orphans its children (Prefect's ephemeral API server): they
+    are cleaned up by killing the group, as a supervisor would.
+    """
+
+    def __init__(self, csv: Path, data: Path, *args: str, **env: str) -> None:
+        self.log = data.parent / f"run-{os.getpid()}-{id(self)}"
+        self.out = open(f"{self.log}.out", "w+")  # noqa: SIM115
+        self.err = open(f"{self.log}.err", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(BIN),
+                "run",
+                "--input",
+                str(csv),
+                "--data-dir",
+                str(data),
+                *FAST,
+                *args,
+            ],
+            env=env_for(data.parent, **env),
+            stdout=self.out,
+            stderr=self.err,
+            text=True,
+            start_new_session=True,
+        )
+
+    def finish(self) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.out.seek(0)
+        self.err.seek(0)
+        return rc, self.out.read(), self.err.read()
 
 
-def finish(p: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = p.communicate(timeout=600)
-    return p.returncode, out, err
+def start(csv: Path, data: Path, *args: str, **env: str) -> Run:
+    return Run(csv, data, *args, **env)
+
+
+def finish(run: Run) -> tuple[int, str, str]:
+    return run.finish()
 
 
 def snapshot(data: Path) -> dict[str, str]:
@@ -121,9 +155,12 @@ def test_rerun_after_crashes_completes(first_run):
     summary = json.loads(out)
     latent = pd.read_parquet(summary["output"])
     assert len(latent) == summary["rows_scored"] and latent["_row_id"].is_unique
-    assert str(summary["model_version"]) == pq.read_schema(
-        next(Path(summary["output"]).glob("*.parquet"))
-    ).metadata[b"latentflow.model_version"].decode()
+    assert (
+        str(summary["model_version"])
+        == pq.read_schema(next(Path(summary["output"]).glob("*.parquet")))
+        .metadata[b"latentflow.model_version"]
+        .decode()
+    )
     assert_clean_outputs(data)
     assert not any((data / ".staging").iterdir())
 

@@ -215,6 +215,12 @@ class PipelineConfig(BaseModel):
         ]
         return {n: getattr(self, n) for n in names}
 
+    def model_params(self) -> dict[str, Any]:
+        """Settings that define a model: a champion with others is not reused."""
+        params = {k: v for k, v in self.estimator_params().items() if k != "device"}
+        params["n_clusters"] = self.n_clusters
+        return params
+
     def config_hash(self) -> str:
         """A short hash of everything that shapes the model and its outputs."""
         payload = self.model_dump(

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
 from tasks import registry
-from tasks.decide import ChampionInfo, decide_task, gate
+from tasks.decide import ChampionInfo, comparable, decide_task, gate
 from tasks.drift import measure_drift_task
 from tasks.errors import SchemaError
 from tasks.ingest import ingest_task
@@ -79,7 +79,12 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
             _require_columns(champion.input_schema, ing.schema, champion.name)
         now = datetime.now(UTC)
         decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
-            champion, ing.schema, now, cfg.max_model_age_days, cfg.retrain
+            champion,
+            ing.schema,
+            now,
+            cfg.max_model_age_days,
+            cfg.retrain,
+            params=cfg.model_params(),
         )
         drift = None
         if decision.action == "reuse":
@@ -100,6 +105,7 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
                 drift=drift,
                 max_drifted_features=cfg.max_drifted_features,
                 max_error_ratio=cfg.max_error_ratio,
+                params=cfg.model_params(),
             )
         logger.info("decision: %s (%s)", decision.action, decision.reason)
 
@@ -205,7 +211,11 @@ def challenge(
             max_train_rows=cfg.max_train_rows,
             holdout_fraction=cfg.holdout_fraction,
             n_clusters=cfg.n_clusters,
-            champion_dir=Path(champion.model_dir) if champion else None,
+            champion_dir=(
+                Path(champion.model_dir)
+                if champion and comparable(champion, ing.schema, cfg.model_params())
+                else None
+            ),
         )
         reg = register_task.with_options(task_run_name=f"register-{tag}")(
             bundle_dir=bundle_dir,

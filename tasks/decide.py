@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ class ChampionInfo:
     created_at: datetime
     model_dir: str
     input_schema: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,20 @@ def schema_difference(model_schema: dict[str, Any], data_schema: dict[str, Any])
     return "; ".join(parts)
 
 
+def params_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Empty when the requested model settings equal the champion's."""
+
+    def norm(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    changed = [
+        f"{k} {old.get(k)!r}->{new[k]!r}"
+        for k in sorted(new)
+        if k in old and norm(old[k]) != norm(new[k])
+    ]
+    return ", ".join(changed)
+
+
 def decide(
     champion: ChampionInfo | None,
     data_schema: dict[str, Any],
@@ -67,11 +83,13 @@ def decide(
     drift: Any | None = None,
     max_drifted_features: int = 0,
     max_error_ratio: float = 1.5,
+    params: dict[str, Any] | None = None,
 ) -> Decision:
     """Reuse the champion only when it exists, fits the data, is young enough and
     the new data has not drifted from its training reference.
 
-    ``drift`` is a :class:`tasks.drift.DriftReport`: more than
+    ``params`` are the requested model settings; any difference from the
+    champion's retrains. ``drift`` is a :class:`tasks.drift.DriftReport`: more than
     ``max_drifted_features`` features over the PSI threshold, or a median
     reconstruction error more than ``max_error_ratio`` times the training one,
     means retrain.
@@ -83,6 +101,10 @@ def decide(
     diff = schema_difference(champion.input_schema, data_schema)
     if diff:
         return Decision("train", f"schema_changed: {diff}")
+    changed = params_difference(champion.params, params or {})
+    if changed:
+        # An analyst asked for a different model: that is a new output contract.
+        return Decision("train", f"params_changed: {changed}")
     age_days = (now - champion.created_at).total_seconds() / 86400
     if age_days > max_model_age_days:
         return Decision("train", f"too_old: {age_days:.1f} days > {max_model_age_days}")
@@ -127,4 +149,17 @@ def gate(
         f" champion's {champion_mse:.5f}",
         challenger_mse,
         champion_mse,
+    )
+
+
+def comparable(
+    champion: ChampionInfo | None, data_schema: dict[str, Any], params: dict[str, Any]
+) -> bool:
+    """Whether a challenger can be judged against the champion on the same terms:
+    not when the schema or the requested model settings changed (a new output
+    contract is the analyst's decision, not a contest)."""
+    return (
+        champion is not None
+        and not schema_difference(champion.input_schema, data_schema)
+        and not params_difference(champion.params, params)
     )

@@ -7,7 +7,6 @@ runs at import time: the URI is set by :func:`configure` when a run starts.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -33,7 +32,6 @@ BUNDLE_ARTIFACT = "model_dir"
 PYFUNC_FILE = Path(models.__file__).with_name("pyfunc_model.py")
 MODELS_PKG = Path(models.__file__).parent
 _T = TypeVar("_T")
-log = logging.getLogger("latentflow.registry")
 
 
 @dataclass(frozen=True)
@@ -152,10 +150,12 @@ def find_champion(name: str, cache_dir: Path) -> ChampionInfo | None:
     try:
         model = LatentModel.load(bundle)
     except ValueError as exc:
-        log.warning(
-            "champion %s v%s cannot be loaded (%s); retraining", name, version, exc
-        )
-        return None
+        # A champion that fails its checks may have been tampered with: stop and
+        # say so rather than silently training around it.
+        raise RegistryError(
+            f"champion {name} v{version} cannot be loaded: {exc}; move the"
+            f" '{CHAMPION}' alias to a good version, or delete {bundle.parent.parent}"
+        ) from None
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC)
     return ChampionInfo(
         name=name,
@@ -164,7 +164,17 @@ def find_champion(name: str, cache_dir: Path) -> ChampionInfo | None:
         created_at=created,
         model_dir=str(bundle),
         input_schema=model.info.input_schema,
+        params=model_params(model),
     )
+
+
+def model_params(model: LatentModel) -> dict[str, Any]:
+    """The settings that define a model, comparable with the requested ones."""
+    skip = {"device", "verbose", "epoch_callback"}
+    params = {k: v for k, v in model.estimator.get_params().items() if k not in skip}
+    centers = model.info.cluster_centers
+    params["n_clusters"] = len(centers) if centers else None
+    return params
 
 
 def _signature_example(model: LatentModel, sample: pd.DataFrame) -> pd.DataFrame:

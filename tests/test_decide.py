@@ -41,3 +41,25 @@ def test_schema_change_retrains_and_is_described():
     assert d.action == "train" and d.reason.startswith("schema_changed")
     assert "new b" in d.reason and "a numeric->categorical" in d.reason
     assert schema_difference(schema(a="numeric"), schema(a="numeric")) == ""
+
+
+def test_changed_model_params_retrain_and_are_not_comparable():
+    from tasks.decide import comparable
+
+    c = champ(a="numeric")
+    c = ChampionInfo(
+        c.name,
+        c.version,
+        c.run_id,
+        c.created_at,
+        c.model_dir,
+        c.input_schema,
+        {"latent_dim": 8, "hidden": [64, 32]},
+    )
+    same = {"latent_dim": 8, "hidden": (64, 32)}
+    assert decide(c, schema(a="numeric"), NOW, 7, False, params=same).action == "reuse"
+    d = decide(c, schema(a="numeric"), NOW, 7, False, params={**same, "latent_dim": 3})
+    assert d.action == "train" and d.reason == "params_changed: latent_dim 8->3"
+    assert comparable(c, schema(a="numeric"), same)
+    assert not comparable(c, schema(a="numeric"), {**same, "latent_dim": 3})
+    assert not comparable(c, schema(a="categorical"), same)

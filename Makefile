@@ -38,5 +38,9 @@ bench: install
 bench-quality: install
 	$(PY) -m benchmarks.quality
 
+# Prefect server + scheduled deployments + MLflow UI, all on 127.0.0.1; Ctrl-C stops all.
+serve: install
+	$(PY) -m deployments.serve $(SERVE_ARGS)
+
 clean:
 	rm -rf .demo benchmarks/results

@@ -50,10 +50,16 @@ def ensure_pools() -> dict[str, str]:
     from prefect.exceptions import ObjectAlreadyExists
 
     pools = {
-        PROCESS_POOL: ("process", process_pool_template(), "CPU: flow runs as local"
-                       " processes of a `prefect worker start` host"),
-        GPU_POOL: (GPU_POOL_TYPE, gpu_pool_template(), "GPU: each flow run is a"
-                   " Kubernetes Job with nvidia.com/gpu limits"),
+        PROCESS_POOL: (
+            "process",
+            process_pool_template(),
+            "CPU: flow runs as local processes of a `prefect worker start` host",
+        ),
+        GPU_POOL: (
+            GPU_POOL_TYPE,
+            gpu_pool_template(),
+            "GPU: each flow run is a Kubernetes Job with nvidia.com/gpu limits",
+        ),
     }
     with get_client(sync_client=True) as client:
         for name, (kind, template, description) in pools.items():
@@ -113,13 +119,22 @@ def serve(*, limit: int | None = None) -> None:
 
     from deployments.definitions import build_deployments
 
+    deployments = build_deployments()
+    for dep in deployments:
+        # Assigned, not just defaulted: the update then clears a work pool left by
+        # an earlier ``apply``, so no worker competes with this process for runs
+        # (the same thing ``Runner.add_flow`` does).
+        dep.work_pool_name = None
+        dep.work_queue_name = None
     # Schedules stay active on shutdown: ``make serve`` stops the server with us,
     # and a later serve re-applies them anyway.
-    prefect_serve(*build_deployments(), pause_on_shutdown=False, limit=limit)
+    prefect_serve(*deployments, pause_on_shutdown=False, limit=limit)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deployments.deploy", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m deployments.deploy", description=__doc__
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="register the deployments and run them here")
     s.add_argument("--limit", type=int, help="most flow runs at once (all deployments)")

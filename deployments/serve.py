@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -33,11 +34,15 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STOP_GRACE_SECONDS = 20.0
+# Same as deployments.definitions.NIGHTLY / ON_DEMAND (a test keeps them equal);
+# not imported from there, which would load torch and MLflow into the supervisor.
+DEPLOYMENT_NAMES = ("weatheraus-nightly", "latentflow-on-demand")
 
 
 @dataclass
@@ -49,7 +54,7 @@ class Child:
     health_url: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def start(self, env: dict[str, str], log_dir: Path) -> None:
+    def start(self, env: dict[str, str], cwd: Path, log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_dir / f"{self.name}.log", "ab")  # noqa: SIM115 - owned by Popen
         # Own process group: Ctrl-C in the terminal reaches only us, and we stop
@@ -57,7 +62,7 @@ class Child:
         self.proc = subprocess.Popen(
             self.argv,
             env=env,
-            cwd=REPO,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -68,20 +73,24 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> str:
+        """SIGTERM the process group, SIGKILL it after ``grace``; says which."""
         if self.proc is None or self.proc.poll() is not None:
-            return
+            return "had exited"
+        how = "SIGTERM"
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
+            how = "SIGKILL after SIGTERM timed out"
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         # Leftovers of the group (e.g. a flow run that ignored SIGTERM).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        return how
 
 
 def service_env(
@@ -122,6 +131,9 @@ def _url_host(host: str) -> str:
 def port_free(host: str, port: int) -> bool:
     """True when nothing listens on ``host:port`` (so we can bind it)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # As the servers do: connections of a previous run in TIME_WAIT do not
+        # make the port busy, a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -143,6 +155,40 @@ def wait_http_ok(url: str, timeout: float, child: Child | None = None) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def wait_deployments_applied(
+    api_url: str, since: datetime, timeout: float, child: Child
+) -> None:
+    """Wait until the runner has (re-)registered every deployment after ``since``.
+
+    Ready means a run started from the UI now will be picked up, with this
+    serve's parameters, not those a previous serve left in the database.
+    """
+    body = json.dumps({"deployments": {"name": {"any_": list(DEPLOYMENT_NAMES)}}})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited while registering")
+        req = urllib.request.Request(
+            f"{api_url}/deployments/filter",
+            data=body.encode(),
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                found = json.load(resp)
+        except (urllib.error.URLError, OSError, ValueError):
+            found = []
+        fresh = {
+            d["name"]
+            for d in found
+            if datetime.fromisoformat(d["updated"].replace("Z", "+00:00")) >= since
+        }
+        if fresh >= set(DEPLOYMENT_NAMES):
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"deployments not registered within {timeout:.0f}s")
 
 
 def children(
@@ -223,10 +269,16 @@ def run(
     try:
         for child in procs:
             print(f"serve: starting {child.name} …", file=sys.stderr, flush=True)
-            child.start(env, log_dir)
+            started = datetime.now(UTC) - timedelta(seconds=1)
+            # In the data dir: a relative path in a run's config (flow runs inherit
+            # the runner's directory) or MLflow's default artifact root lands
+            # there, not in the checkout.
+            child.start(env, data_dir, log_dir)
             if child.health_url:
                 # MLflow creates its SQLite store before runs may write to it.
                 wait_http_ok(child.health_url, start_timeout, child)
+        runner = procs[-1]  # started last, once the server answers
+        wait_deployments_applied(env["PREFECT_API_URL"], started, start_timeout, runner)
         ui = f"http://{_url_host(host)}:{port}"
         print(f"Prefect UI:  {ui}", flush=True)
         print(f"Prefect API: {ui}/api", flush=True)
@@ -253,7 +305,15 @@ def run(
         for s in previous:
             signal.signal(s, signal.SIG_IGN)
         for child in reversed(procs):
-            child.stop()
+            if child.proc is None:
+                continue
+            t0 = time.monotonic()
+            how = child.stop()
+            print(
+                f"serve: {child.name} stopped ({how}, {time.monotonic() - t0:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
         for s, handler in previous.items():
             signal.signal(s, handler)
     return code
@@ -264,7 +324,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deployments.serve",
         description="Local Prefect server + latentflow deployments + MLflow UI.",
     )
-    p.add_argument("--host", default=os.environ.get("LATENTFLOW_SERVE_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--host", default=os.environ.get("LATENTFLOW_SERVE_HOST", "127.0.0.1")
+    )
     p.add_argument(
         "--port", type=int, default=int(os.environ.get("LATENTFLOW_SERVE_PORT", 4200))
     )
@@ -273,7 +335,9 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ.get("LATENTFLOW_MLFLOW_PORT", 5000)),
     )
-    p.add_argument("--no-mlflow", action="store_true", help="do not start the MLflow UI")
+    p.add_argument(
+        "--no-mlflow", action="store_true", help="do not start the MLflow UI"
+    )
     p.add_argument(
         "--data-dir",
         default=os.environ.get("LATENTFLOW_DATA_DIR", str(REPO / ".serve")),

@@ -57,7 +57,9 @@ class PipelineConfig(BaseModel):
         min_length=1,
     )
     data_dir: str = Field(
-        DEFAULT_DATA_DIR,
+        # Read when a config is built, never at import: deployments and workers
+        # point every run at their shared data dir through the environment.
+        default_factory=lambda: os.environ.get("LATENTFLOW_DATA_DIR", DEFAULT_DATA_DIR),
         description="Where ingested/, rejected/, latent/ and the MLflow store live",
         min_length=1,
     )

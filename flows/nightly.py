@@ -211,6 +211,7 @@ def challenge(
             max_train_rows=cfg.max_train_rows,
             holdout_fraction=cfg.holdout_fraction,
             n_clusters=cfg.n_clusters,
+            plots_dir=stage / "plots",
             champion_dir=(
                 Path(champion.model_dir)
                 if champion and comparable(champion, ing.schema, cfg.model_params())
@@ -232,6 +233,7 @@ def challenge(
                 "config_hash": cfg.config_hash(),
             },
             sample=trained.sample,
+            plots=[Path(p) for p in trained.plots],
             description=_model_card(cfg, ing, trained),
         )
     finally:

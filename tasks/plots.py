@@ -285,7 +285,7 @@ def _latent_label_figure(
             counts = {c: int((text == c).sum()) for c in classes}
             keep = sorted(classes, key=lambda c: (-counts[c], c))[:_MAX_LABEL_CLASSES]
             text = np.where(np.isin(text, keep), text, "(other)")
-            classes = sorted(keep) + ["(other)"]
+            classes = [*sorted(keep), "(other)"]
         if (text == "(missing)").any():
             classes.append("(missing)")
         colours = _class_colours(len(classes))

@@ -41,6 +41,7 @@ class TrainResult:
     n_train: int
     n_holdout: int
     sample: pd.DataFrame = field(repr=False)
+    plots: list[str] = field(default_factory=list)
 
 
 def _columns(schema: dict[str, Any], kinds: tuple[str, ...]) -> list[str]:
@@ -86,6 +87,7 @@ def train_model(
     holdout_fraction: float = 0.2,
     n_clusters: int | None = None,
     champion_dir: Path | None = None,
+    plots_dir: Path | None = None,
     epoch_callback: Callable[[int, float, float], None] | None = None,
 ) -> TrainResult:
     """Fit a :class:`LatentModel` on the ingested partition and save it.
@@ -118,6 +120,11 @@ def train_model(
 
     z_train, err_train = est.encode_and_score(x_train)
     z_hold, err_hold = est.encode_and_score(x_hold)
+    plots: list[str] = []
+    if plots_dir is not None:
+        plots = _plots(
+            plots_dir, est, pre, hold_t, x_hold, z_hold, err_hold, label, seed
+        )
     metrics: dict[str, float] = {
         "val_mse": float(err_hold.mean()),
         "train_mse": float(err_train.mean()),
@@ -173,7 +180,44 @@ def train_model(
         n_train=int(x_train.shape[0]),
         n_holdout=int(x_hold.shape[0]),
         sample=sample,
+        plots=plots,
     )
+
+
+def _plots(
+    plots_dir: Path,
+    est: AutoencoderReducer,
+    pre: TabularPreprocessor,
+    hold_t: pa.Table,
+    x_hold: np.ndarray,
+    z_hold: np.ndarray,
+    err_hold: np.ndarray,
+    label: str | None,
+    seed: int,
+) -> list[str]:
+    from tasks.plots import render_training_plots, subsample_indices
+
+    idx = subsample_indices(len(x_hold), 20_000, seed)  # decode only what is drawn
+    labels = (
+        hold_t.column(label).take(pa.array(idx)).to_numpy(zero_copy_only=False)
+        if label
+        else None
+    )
+    paths = render_training_plots(
+        plots_dir,
+        history=est.history_,
+        latent=z_hold[idx],
+        is_anomaly=err_hold[idx] > est.threshold_,
+        errors=err_hold[idx],
+        threshold=float(est.threshold_),
+        x=x_hold[idx],
+        x_recon=est.inverse_transform(z_hold[idx]),
+        feature_names=list(pre.feature_names_out_),
+        label=labels,
+        label_name=label,
+        seed=seed,
+    )
+    return [str(p) for p in paths]
 
 
 def mse_in_space(

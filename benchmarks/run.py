@@ -1,0 +1,636 @@
+"""``make bench``: throughput and peak memory of each pipeline step next to its floor.
+
+Run ``python -m benchmarks.run`` from the repository root. It prints a table and
+writes ``benchmarks/results/bench.json``. Every measured step runs in a fresh
+interpreter (:mod:`benchmarks.perf`), timed from after its imports, so peak RSS
+describes that step alone and start-up never counts towards its seconds.
+
+What it measures, each next to its floor in the same run:
+
+1. ingest (``tasks.ingest.ingest``, weatherAUS preset) vs a bare
+   ``pyarrow.csv.read_csv`` + ``pyarrow.parquet.write_table`` of the same file.
+   The floor reads the whole file into memory with all cores, so its RSS grows
+   with the file; the product streams one block at a time on one core.
+2. training throughput (training rows x epochs / s) of ``AutoencoderReducer``
+   at the pipeline's default hyperparameters vs a minimal hand-written PyTorch
+   loop on the same tensor and widths, and vs PyOD's ``AutoEncoder``.
+3. scoring (``tasks.score.score_partition``, Parquet -> model -> Parquet) vs a
+   bare read of the same columns and a write of an output of the same schema
+   and row count (random values).
+4. end to end: ``latentflow run`` on ``../shared/data/weatherAUS.csv``, cold
+   (trains) and warm (reuses the champion), with interpreter + import start-up
+   and the Prefect ephemeral server measured separately and subtracted.
+
+The synthetic CSVs (``tasks.synthetic``, seed 0) are cached under
+``benchmarks/results/data/``; everything else goes to a scratch directory that
+is removed at the end. The numbers are only comparable when the machine is
+otherwise idle: the load average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.perf import RESULT_MARK
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DATA = RESULTS / "data"
+WEATHER_CSV = REPO.parent / "shared" / "data" / "weatherAUS.csv"
+GIB = 1024.0  # MiB per GiB
+
+# Targets (see the module docstring for what each ratio compares).
+INGEST_MAX_FLOOR_RATIO = 1.5
+SCORE_MIN_ROWS_PER_S = 1_000_000
+SCORE_MAX_FLOOR_RATIO = 2.0
+TRAIN_MIN_VS_HAND = 0.9
+TRAIN_MIN_VS_PYOD = 3.0
+COLD_MAX_S = 60.0
+WARM_MAX_S = 15.0
+SCORE_RSS_MAX_GROWTH = 1.5
+SCORE_RSS_MAX_MIB = 2 * GIB
+
+
+@dataclass
+class Plan:
+    """Sizes and repeats; ``--quick`` shrinks them for development."""
+
+    sizes: list[int]
+    repeats: dict[int, int]  # rows -> repeats of ingest/scoring and their floors
+    train_rows: int
+    train_epochs: int  # the first epoch pays set-up costs; the rest are timed
+    pyod_epochs: int
+    bundle_rows: int
+    bundle_epochs: int
+    e2e: bool
+    startup_repeats: int
+
+
+FULL = Plan(
+    sizes=[1_000_000, 10_000_000],
+    repeats={1_000_000: 3, 10_000_000: 2},
+    train_rows=250_000,
+    train_epochs=4,
+    pyod_epochs=3,
+    bundle_rows=50_000,
+    bundle_epochs=3,
+    e2e=True,
+    startup_repeats=3,
+)
+QUICK = Plan(
+    sizes=[50_000, 200_000],
+    repeats={50_000: 2, 200_000: 1},
+    train_rows=20_000,
+    train_epochs=3,
+    pyod_epochs=2,
+    bundle_rows=10_000,
+    bundle_epochs=1,
+    e2e=False,
+    startup_repeats=1,
+)
+
+
+@dataclass
+class Row:
+    """One line of the printed table."""
+
+    metric: str
+    size: str
+    value: str
+    reference: str
+    target: str = ""
+    met: bool | None = None
+
+
+@dataclass
+class Report:
+    """Everything measured; ``rows`` become the table, ``data`` the JSON."""
+
+    rows: list[Row] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        _log(
+            f"  {row.metric} [{row.size}]: {row.value} | {row.reference}"
+            + (f" | {row.target}: {_verdict(row.met)}" if row.target else "")
+        )
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _verdict(met: bool | None) -> str:
+    return "" if met is None else ("met" if met else "MISSED")
+
+
+def _size(rows: int) -> str:
+    return f"{rows / 1e6:g}M" if rows >= 1_000_000 else f"{rows / 1e3:g}k"
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_step(step: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one :mod:`benchmarks.perf` step in a fresh interpreter; its result."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.perf", step, json.dumps(kwargs)],
+        cwd=REPO,
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
+        raise RuntimeError(f"benchmark step {step} failed ({proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(RESULT_MARK) :])
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _pair(
+    repeats: int,
+    product: Callable[[int], dict[str, Any]],
+    floor: Callable[[int], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Alternate product and floor runs so slow drift in load hits both alike."""
+    prod, base = [], []
+    for i in range(repeats):
+        prod.append(product(i))
+        base.append(floor(i))
+    return prod, base
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    secs = [r["seconds"] for r in runs]
+    rows = runs[0]["rows"]
+    med = _median(secs)
+    return {
+        "repeats": len(runs),
+        "seconds": secs,
+        "median_s": med,
+        "rows": rows,
+        "rows_per_s": rows / med,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "rss_after_imports_mib": max(r["rss_after_imports_mib"] for r in runs),
+        "startup_s": _median([r["startup_s"] for r in runs]),
+    }
+
+
+def _rate(x: float) -> str:
+    return f"{x / 1e6:.2f}M rows/s" if x >= 1e6 else f"{x / 1e3:.0f}k rows/s"
+
+
+def _rss(s: dict[str, Any]) -> str:
+    base = s["rss_after_imports_mib"]
+    return f"{s['peak_rss_mib']:.0f} MiB (after imports {base:.0f})"
+
+
+def _secs(s: dict[str, Any]) -> str:
+    n = s["repeats"]
+    return f"{s['median_s']:.2f}s ({'median of ' + str(n) if n > 1 else '1 run'})"
+
+
+# ------------------------------------------------------------------------- steps
+
+
+def ensure_data(plan: Plan, report: Report) -> dict[int, Path]:
+    """The cached synthetic CSVs, generated (streamed, seeded) when absent."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for n in plan.sizes:
+        path = DATA / f"weatheraus_like_{n}_seed0.csv"
+        if not path.exists():
+            _log(f"generating {path.name} ...")
+            res = run_step("generate", path=str(path), rows=n, seed=0)
+            _log(f"  {res['seconds']:.1f}s, {res['bytes'] / 2**20:.0f} MiB")
+        paths[n] = path
+    report.data["inputs"] = {
+        _size(n): {"path": str(p), "bytes": p.stat().st_size} for n, p in paths.items()
+    }
+    return paths
+
+
+def bench_ingest(
+    plan: Plan, csvs: dict[int, Path], scratch: Path, report: Report
+) -> dict[int, str]:
+    """Ingest vs bare pyarrow read+write; returns each size's ingested partition."""
+    ingested: dict[int, str] = {}
+    out = report.data.setdefault("ingest", {})
+    for n in plan.sizes:
+        _log(f"ingest {_size(n)} x{plan.repeats[n]} ...")
+        keep = scratch / f"ingest-{n}"
+
+        def product(i: int, n: int = n, keep: Path = keep) -> dict[str, Any]:
+            target = keep if i == 0 else scratch / f"ingest-{n}-{i}"
+            res = run_step("ingest", csv=str(csvs[n]), data_dir=str(target))
+            if i > 0:
+                shutil.rmtree(target, ignore_errors=True)
+            return res
+
+        def floor(i: int, n: int = n) -> dict[str, Any]:
+            target = scratch / f"floor-{n}.parquet"
+            res = run_step("ingest_floor", csv=str(csvs[n]), out=str(target))
+            target.unlink(missing_ok=True)
+            return res
+
+        prod, base = _pair(plan.repeats[n], product, floor)
+        ingested[n] = prod[0]["ingested_dir"]
+        p, f = _summary(prod), _summary(base)
+        p["rows_rejected"] = prod[0]["rows_rejected"]
+        ratio = p["median_s"] / f["median_s"]
+        out[_size(n)] = {"product": p, "floor": f, "time_vs_floor": ratio}
+        report.add(
+            Row(
+                "ingest time",
+                _size(n),
+                f"{_secs(p)} = {_rate(p['rows_per_s'])}",
+                f"floor {_secs(f)} = {_rate(f['rows_per_s'])}; {ratio:.2f}x floor",
+                f"<= {INGEST_MAX_FLOOR_RATIO}x floor",
+                ratio <= INGEST_MAX_FLOOR_RATIO,
+            )
+        )
+        report.add(
+            Row(
+                "ingest peak RSS",
+                _size(n),
+                _rss(p),
+                f"floor {f['peak_rss_mib']:.0f} MiB (whole file in memory)",
+            )
+        )
+    return ingested
+
+
+def _epoch_rate(res: dict[str, Any]) -> dict[str, Any]:
+    # The first epoch also pays for set-up (copies, validation, DataLoader
+    # workers), so only the later epochs are timed; their median is used.
+    epochs = res["epoch_seconds"][1:] or res["epoch_seconds"]
+    med = _median(epochs)
+    return {
+        "epoch_seconds": res["epoch_seconds"],
+        "timed_epochs": len(epochs),
+        "median_epoch_s": med,
+        "rows_per_epoch": res["rows_per_epoch"],
+        "rows_epochs_per_s": res["rows_per_epoch"] / med,
+    }
+
+
+def bench_training(plan: Plan, partition: str, scratch: Path, report: Report) -> None:
+    """Training throughput vs a hand-written loop and PyOD, on the same tensor."""
+    x_npy = scratch / "train_x.npy"
+    prep = run_step(
+        "prepare_training",
+        ingested_dir=partition,
+        out=str(x_npy),
+        rows=plan.train_rows,
+    )
+    _log(f"training on {prep['rows']} x {prep['features']} preprocessed rows ...")
+    prod = run_step("train_product", x_npy=str(x_npy), epochs=plan.train_epochs)
+    hand = run_step("train_hand", x_npy=str(x_npy), epochs=plan.train_epochs)
+    pyod = run_step("train_pyod", x_npy=str(x_npy), epochs=plan.pyod_epochs)
+    p, h, o = _epoch_rate(prod), _epoch_rate(hand), _epoch_rate(pyod)
+    vs_hand = p["rows_epochs_per_s"] / h["rows_epochs_per_s"]
+    vs_pyod = p["rows_epochs_per_s"] / o["rows_epochs_per_s"]
+    arch = (
+        f"hidden={prod['hidden']} latent={prod['latent_dim']}"
+        f" batch={prod['batch_size']} threads={prod['torch_threads']}"
+    )
+    report.data["training"] = {
+        "rows": prep["rows"],
+        "features": prep["features"],
+        "architecture": arch,
+        "product": p,
+        "hand_loop": h,
+        "pyod": o,
+        "vs_hand": vs_hand,
+        "vs_pyod": vs_pyod,
+    }
+    size = f"{_size(prep['rows'])}x{prep['features']}"
+    report.add(
+        Row(
+            "train rows*epochs/s",
+            size,
+            f"{_rate(p['rows_epochs_per_s'])} ({arch})",
+            f"hand loop {_rate(h['rows_epochs_per_s'])}; {vs_hand:.2f}x",
+            f">= {TRAIN_MIN_VS_HAND}x hand loop",
+            vs_hand >= TRAIN_MIN_VS_HAND,
+        )
+    )
+    report.add(
+        Row(
+            "train rows*epochs/s",
+            size,
+            f"{_rate(p['rows_epochs_per_s'])}",
+            f"PyOD AutoEncoder {_rate(o['rows_epochs_per_s'])}; {vs_pyod:.2f}x",
+            f">= {TRAIN_MIN_VS_PYOD}x PyOD",
+            vs_pyod >= TRAIN_MIN_VS_PYOD,
+        )
+    )
+
+
+def bench_scoring(
+    plan: Plan, ingested: dict[int, str], scratch: Path, report: Report
+) -> None:
+    """score_partition vs bare read + write of the same shapes; RSS vs size."""
+    bundle = scratch / "bundle"
+    small = plan.sizes[0]
+    res = run_step(
+        "bundle",
+        ingested_dir=ingested[small],
+        bundle_dir=str(bundle),
+        epochs=plan.bundle_epochs,
+        rows=plan.bundle_rows,
+    )
+    _log(f"scoring model: trained on {res['n_train']} rows in {res['seconds']:.1f}s")
+    out = report.data.setdefault("scoring", {})
+    for n in plan.sizes:
+        _log(f"score {_size(n)} x{plan.repeats[n]} ...")
+
+        def product(i: int, n: int = n) -> dict[str, Any]:
+            target = scratch / f"score-{n}-{i}"
+            res = run_step(
+                "score",
+                ingested_dir=ingested[n],
+                bundle_dir=str(bundle),
+                data_dir=str(target),
+            )
+            shutil.rmtree(target, ignore_errors=True)
+            return res
+
+        def floor(i: int, n: int = n) -> dict[str, Any]:
+            target = scratch / f"score-floor-{n}.parquet"
+            res = run_step(
+                "score_floor",
+                ingested_dir=ingested[n],
+                bundle_dir=str(bundle),
+                out=str(target),
+            )
+            target.unlink(missing_ok=True)
+            return res
+
+        prod, base = _pair(plan.repeats[n], product, floor)
+        p, f = _summary(prod), _summary(base)
+        ratio = p["median_s"] / f["median_s"]
+        out[_size(n)] = {"product": p, "floor": f, "time_vs_floor": ratio}
+        report.add(
+            Row(
+                "score rows/s",
+                _size(n),
+                f"{_secs(p)} = {_rate(p['rows_per_s'])}",
+                f"floor {_secs(f)} = {_rate(f['rows_per_s'])}",
+                f">= {_rate(SCORE_MIN_ROWS_PER_S)}",
+                p["rows_per_s"] >= SCORE_MIN_ROWS_PER_S,
+            )
+        )
+        report.add(
+            Row(
+                "score time",
+                _size(n),
+                f"{ratio:.2f}x floor",
+                "",
+                f"<= {SCORE_MAX_FLOOR_RATIO}x floor",
+                ratio <= SCORE_MAX_FLOOR_RATIO,
+            )
+        )
+    small_rss = out[_size(small)]["product"]["peak_rss_mib"]
+    for n in plan.sizes:
+        s = out[_size(n)]
+        rss = s["product"]["peak_rss_mib"]
+        growth = rss / small_rss
+        big = n == plan.sizes[-1] and n != small
+        report.add(
+            Row(
+                "score peak RSS",
+                _size(n),
+                _rss(s["product"]),
+                f"floor {s['floor']['peak_rss_mib']:.0f} MiB"
+                + (f"; {growth:.2f}x the {_size(small)} run" if big else ""),
+                (
+                    f"<= {SCORE_RSS_MAX_GROWTH}x {_size(small)} and < 2 GiB"
+                    if big
+                    else ""
+                ),
+                (growth <= SCORE_RSS_MAX_GROWTH and rss < SCORE_RSS_MAX_MIB)
+                if big
+                else None,
+            )
+        )
+
+
+# --------------------------------------------------------------------- end to end
+
+_TRIVIAL_FLOW = """
+import flows.cli, flows.nightly
+flows.cli._quiet_logging()
+from prefect import flow
+@flow
+def startup_probe() -> int:
+    return 1
+startup_probe()
+"""
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{tail}")
+    return seconds, proc.stdout
+
+
+def bench_e2e(plan: Plan, scratch: Path, report: Report) -> None:
+    """``latentflow run`` on weatherAUS.csv, cold then warm, minus start-up."""
+    if not WEATHER_CSV.is_file():
+        msg = f"skipped: {WEATHER_CSV} not found"
+        _log(f"end to end {msg}")
+        report.data["e2e"] = {"skipped": msg}
+        report.add(Row("weatherAUS e2e", "145k", msg, ""))
+        return
+    env = _child_env()
+    # Our own Prefect home: the ephemeral server's database is then ours alone,
+    # and an API URL set for some real server does not leak in.
+    env["PREFECT_HOME"] = str(scratch / "prefect-home")
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    py = sys.executable
+    _log("start-up: imports, then imports + Prefect ephemeral server + one flow ...")
+    _timed([py, "-c", _TRIVIAL_FLOW], env)  # creates the Prefect database (untimed)
+    imports = [
+        _timed([py, "-c", "import flows.cli, flows.nightly"], env)[0]
+        for _ in range(plan.startup_repeats)
+    ]
+    with_server = [
+        _timed([py, "-c", _TRIVIAL_FLOW], env)[0] for _ in range(plan.startup_repeats)
+    ]
+    startup = _median(with_server)
+    cli = str(Path(sys.executable).with_name("latentflow"))
+    data_dir = scratch / "e2e"
+    cmd = [cli, "run", "--input", str(WEATHER_CSV), "--data-dir", str(data_dir)]
+    _log("latentflow run: cold (trains) ...")
+    cold_s, cold_out = _timed(cmd, env)
+    _log("latentflow run: warm (reuses the champion) ...")
+    warm_s, warm_out = _timed(cmd, env)
+    cold = json.loads(cold_out.splitlines()[-1])
+    warm = json.loads(warm_out.splitlines()[-1])
+    cold_net, warm_net = cold_s - startup, warm_s - startup
+    report.data["e2e"] = {
+        "import_s": imports,
+        "import_plus_prefect_flow_s": with_server,
+        "startup_s": startup,
+        "cold_wall_s": cold_s,
+        "warm_wall_s": warm_s,
+        "cold_net_s": cold_net,
+        "warm_net_s": warm_net,
+        "cold": {k: cold.get(k) for k in ("rows_in", "trained", "decision")},
+        "warm": {k: warm.get(k) for k in ("rows_in", "trained", "decision")},
+    }
+    srv = startup - _median(imports)
+    report.add(
+        Row(
+            "start-up",
+            "-",
+            f"{startup:.1f}s",
+            f"imports {_median(imports):.1f}s + Prefect server/flow {srv:.1f}s",
+        )
+    )
+    report.add(
+        Row(
+            "weatherAUS cold",
+            "145k",
+            f"{cold_net:.1f}s net",
+            f"wall {cold_s:.1f}s; trained={cold.get('trained')}",
+            f"< {COLD_MAX_S:g}s",
+            cold_net < COLD_MAX_S and bool(cold.get("trained")),
+        )
+    )
+    report.add(
+        Row(
+            "weatherAUS warm",
+            "145k",
+            f"{warm_net:.1f}s net",
+            f"wall {warm_s:.1f}s; trained={warm.get('trained')}",
+            f"< {WARM_MAX_S:g}s",
+            warm_net < WARM_MAX_S and not warm.get("trained"),
+        )
+    )
+
+
+# -------------------------------------------------------------------- reporting
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table, one line per measurement."""
+    head = ("metric", "size", "measured", "floor / reference", "target", "met")
+    body = [
+        (r.metric, r.size, r.value, r.reference, r.target, _verdict(r.met))
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head).rstrip(), rule, *(line(b).rstrip() for b in body)])
+
+
+def _environment() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark suite; print the table; write bench.json."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (development)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip latentflow run")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--out", default=str(RESULTS / "bench.json"), help="JSON path")
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    report = Report()
+    t0 = time.perf_counter()
+    report.data["load_before"] = _load()
+    report.data["environment"] = _environment()
+    report.data["plan"] = {
+        "sizes": plan.sizes,
+        "repeats": {_size(n): r for n, r in plan.repeats.items()},
+    }
+    if report.data["load_before"][0] > 1.5:
+        _log(
+            f"warning: load average {report.data['load_before']}: other work shares"
+            " the CPUs, so timings will be slow and noisy"
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="latentflow-bench-"))
+    try:
+        csvs = ensure_data(plan, report)
+        ingested = bench_ingest(plan, csvs, scratch, report)
+        bench_training(plan, ingested[plan.sizes[0]], scratch, report)
+        bench_scoring(plan, ingested, scratch, report)
+        if plan.e2e and not args.no_e2e:
+            bench_e2e(plan, scratch, report)
+    finally:
+        if args.keep:
+            _log(f"scratch kept at {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report.data["load_after"] = _load()
+    report.data["wall_s"] = time.perf_counter() - t0
+    report.data["table"] = [r.__dict__ for r in report.rows]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.data, indent=1, default=str))
+    print(format_table(report.rows))
+    missed = [r for r in report.rows if r.met is False]
+    print(
+        f"\n{len(missed)} target(s) missed; wall {report.data['wall_s']:.0f}s;"
+        f" load average before {report.data['load_before']},"
+        f" after {report.data['load_after']}; results in {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -285,6 +285,35 @@ def _require_columns(
         )
 
 
+def code_version() -> str:
+    """The git commit of the running code (with +dirty), or the package version."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return f"commit {sha}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return f"version {version('latentflow')}"
+        except PackageNotFoundError:
+            return "version unknown"
+
+
 def _model_card(cfg: PipelineConfig, ing: Any, trained: Any) -> str:
     m = trained.metrics
     feats = [c["name"] for c in ing.schema["columns"] if c.get("role") == "feature"]
@@ -297,6 +326,7 @@ def _model_card(cfg: PipelineConfig, ing: Any, trained: Any) -> str:
         "Preprocessing: median imputation + missing indicators + standard scaling;"
         " one-hot categoricals with an unknown slot.",
         f"Hyperparameters: {cfg.estimator_params()}.",
+        f"Code: latentflow {code_version()}.",
         f"Holdout MSE {m['val_mse']:.4f}"
         f" vs PCA({cfg.latent_dim}) {m['pca_val_mse']:.4f};"
         f" threshold {m['threshold']:.4f} (contamination {cfg.contamination}).",

@@ -38,7 +38,11 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
 
     data = tmp_path / "lf"
     s1 = run(small_csv, data)
-    assert s1["trained"] and s1["reason"].startswith("no_champion") and s1["model_version"] == 1
+    assert (
+        s1["trained"]
+        and s1["reason"].startswith("no_champion")
+        and s1["model_version"] == 1
+    )
     assert s1["rows_in"] == 3000 and s1["rows_scored"] == 3000 - s1["rows_rejected"]
     out = read_latent(s1)
     assert len(out) == s1["rows_scored"] and out["_row_id"].is_unique
@@ -55,6 +59,7 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("weatheraus-autoencoder", "champion")
     assert int(mv.version) == 1 and "PCA" in (mv.description or "")
+    assert "Code: latentflow commit " in mv.description
     run1 = client.get_run(s1["mlflow_run_id"])
     assert {"val_mse", "pca_val_mse", "probe_auc"} <= set(run1.data.metrics)
     assert len(client.get_metric_history(s1["mlflow_run_id"], "train_loss")) >= 1
@@ -83,6 +88,26 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
     assert int(mv.version) == 3 and mv.tags["decision"] == "promoted"
     # The earlier date's partition is untouched by a later date's run.
     pd.testing.assert_frame_equal(read_latent(s1), out)
+
+
+def test_data_lacking_a_champion_column_fails_naming_it(
+    prefect_harness, small_csv, tmp_path
+):
+    from tasks.errors import SchemaError
+
+    data = tmp_path / "lf"
+    run(small_csv, data)
+    short = tmp_path / "short" / "weatherAUS.csv"
+    short.parent.mkdir()
+    pd.read_csv(small_csv).drop(columns=["Sunshine", "Pressure3pm"]).to_csv(
+        short, index=False
+    )
+    with pytest.raises(SchemaError, match="needs: Sunshine, Pressure3pm"):
+        run(short, data, run_date=D2)
+    assert not (data / "latent" / "weatheraus" / f"run_date={D2}").exists()
+    # Accepting the new schema is an explicit choice.
+    s = run(short, data, run_date=D2, retrain=True)
+    assert s["trained"] and s["decision"] == "promote"
 
 
 def test_pyfunc_predicts_raw_rows(prefect_harness, small_csv, tmp_path):

@@ -606,10 +606,15 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="latentflow-bench-"))
     try:
         csvs = ensure_data(plan, report)
+        loads = report.data["load_during"] = {}
+        loads["ingest"] = _load()
         ingested = bench_ingest(plan, csvs, scratch, report)
+        loads["training"] = _load()
         bench_training(plan, ingested[plan.sizes[0]], scratch, report)
+        loads["scoring"] = _load()
         bench_scoring(plan, ingested, scratch, report)
         if plan.e2e and not args.no_e2e:
+            loads["e2e"] = _load()
             bench_e2e(plan, scratch, report)
     finally:
         if args.keep:
@@ -624,10 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report.data, indent=1, default=str))
     print(format_table(report.rows))
     missed = [r for r in report.rows if r.met is False]
+    during = ", ".join(f"{k} {v}" for k, v in report.data["load_during"].items())
     print(
         f"\n{len(missed)} target(s) missed; wall {report.data['wall_s']:.0f}s;"
-        f" load average before {report.data['load_before']},"
-        f" after {report.data['load_after']}; results in {out}"
+        f" load average (1, 5, 15 min) before {report.data['load_before']},"
+        f" at the start of {during}, after {report.data['load_after']};"
+        f" results in {out}"
     )
     return 0
 

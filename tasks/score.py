@@ -8,6 +8,7 @@ swapped into place only when every row has been written.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -108,7 +109,7 @@ def score_partition(
     with StagedPartition(data_dir, "latent", dataset, run_date) as part:
         target = part.file("part-00000.parquet")
         with pq.ParquetWriter(target, schema, compression="zstd") as writer:
-            for batch in source.to_batches(columns=columns, batch_size=batch_rows):
+            for batch in _batches(Path(ingested_dir), columns, batch_rows):
                 n = batch.num_rows
                 if n == 0:
                     continue
@@ -145,6 +146,16 @@ def score_partition(
             for e, r in sorted(top, reverse=True)
         ],
     )
+
+
+def _batches(
+    ingested_dir: Path, columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Record batches, one row group at a time: Dataset.to_batches decodes ahead
+    of the consumer without bound, which made peak memory grow with the file."""
+    for f in sorted(ingested_dir.glob("*.parquet")):
+        with pq.ParquetFile(f) as pf:
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def _keep_top(top: list[tuple[float, int]], err: np.ndarray, ids: np.ndarray) -> None:

@@ -320,10 +320,9 @@ def test_ingest_peak_memory_does_not_grow_with_rows(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect: tasks/score.py reads with Dataset.to_batches, which"
-    " decodes ahead of the model without bound (~190 B per row here, 2.5 GiB peak"
-    " RSS at 10M rows); reading one row group at a time fixes it. Remove this"
-    " marker with that fix (strict: the test then fails until it is removed).",
+    reason="known defect, partly fixed: scoring now reads one row group at a time"
+    " (per extra row 190 B -> ~30 B of Arrow memory here), still above the budget;"
+    " what remains grows with the rows. Remove this marker with the full fix.",
 )
 def test_score_peak_memory_does_not_grow_with_rows(
     work: Path, sized: dict[Any, Any], bundle: Path

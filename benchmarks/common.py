@@ -284,6 +284,31 @@ def environment() -> dict[str, Any]:
     }
 
 
+def set_threads(requested: int) -> str:
+    """Set torch's intra-op threads (0 keeps torch's default); describe the load.
+
+    With more busy threads than idle cores every small matmul waits at a barrier
+    for a descheduled thread, which makes epochs many times slower rather than
+    2x. The timings are only meaningful on an otherwise idle machine, so the
+    note says how loaded it was; run with ``--threads 1`` to limit the damage
+    on a shared one. Returns a short note for the report.
+    """
+    import torch
+
+    if requested > 0:
+        torch.set_num_threads(requested)
+    threads = torch.get_num_threads()
+    how = "requested" if requested > 0 else "torch default"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return f"{threads} ({how})"
+    note = f"{threads} ({how}; 1-min load {load:.2f} on {os.cpu_count()} cores)"
+    if load > 0.5 * (os.cpu_count() or 1):
+        note += " WARNING: the machine is busy, timings will be inflated"
+    return note
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}

@@ -139,11 +139,17 @@ def pipeline_estimator_params(epochs: int) -> dict[str, Any]:
 
 
 def step_prepare_training(ingested_dir: str, out: str, rows: int) -> dict[str, Any]:
-    """Preprocess a seeded sample of an ingested partition into a float32 .npy."""
+    """Preprocess a seeded sample of an ingested partition into a float32 .npy.
+
+    As ``train_model`` does: statistics over all rows (streamed), the sample
+    only transformed.
+    """
+    import functools
+
     import numpy as np
 
-    from models.preprocessing import TabularPreprocessor
-    from tasks.sampling import read_training_rows
+    from models.preprocessing import PreprocessorStats, TabularPreprocessor
+    from tasks.sampling import iter_partition, read_training_rows
 
     schema = _ingested_schema(ingested_dir)
     numeric = [
@@ -156,9 +162,15 @@ def step_prepare_training(ingested_dir: str, out: str, rows: int) -> dict[str, A
         for c in schema["columns"]
         if c["role"] == "feature" and c["kind"] == "categorical"
     ]
-    table, _ = read_training_rows(Path(ingested_dir), numeric + categorical, rows, 0)
+    stats = PreprocessorStats(numeric, categorical)
+    table, _ = read_training_rows(
+        Path(ingested_dir), numeric + categorical, rows, 0, on_batch=stats.update
+    )
     table = table.slice(0, rows)
-    x = TabularPreprocessor(numeric, categorical).fit_transform(table)
+    pre = TabularPreprocessor(numeric, categorical).fit_stats(
+        stats, functools.partial(iter_partition, Path(ingested_dir))
+    )
+    x = pre.transform(table)
     np.save(out, x)
     return {"rows": int(x.shape[0]), "features": int(x.shape[1])}
 

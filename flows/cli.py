@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kind", help="ae | denoising | sparse | contractive | vae")
     run.add_argument("--epochs", type=int, help="most training epochs")
     run.add_argument("--device", help="auto | cpu | cuda")
+    run.add_argument(
+        "--runner",
+        choices=["sequential", "threads", "dask"],
+        help="where ingest and scoring run (default: sequential)",
+    )
+    run.add_argument(
+        "--dask-address",
+        metavar="ADDRESS",
+        help="with --runner dask: a running scheduler, e.g. tcp://127.0.0.1:8786",
+    )
+    run.add_argument(
+        "--dask-workers",
+        type=int,
+        metavar="N",
+        help="with --runner dask: start a local cluster of N worker processes",
+    )
     run.add_argument("--config", help="YAML or TOML file with PipelineConfig fields")
 
     demo = sub.add_parser("demo", help="run on generated weatherAUS-shaped data")
@@ -69,6 +85,9 @@ def _quiet_logging() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    # A local Dask cluster's scheduler and nannies log their routine here,
+    # some of it with a traceback (a connection closed at shutdown).
+    logging.getLogger("distributed").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
 
 
@@ -125,6 +144,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "kind": args.kind,
         "epochs": args.epochs,
         "device": args.device,
+        "runner": args.runner,
+        "dask_address": args.dask_address,
+        "dask_workers": args.dask_workers,
     }
 
 

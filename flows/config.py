@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
 from tasks.ingest import WEATHERAUS_RULES
@@ -25,6 +32,20 @@ from tasks.storage import dataset_from_path, validate_dataset_name
 
 Kind = Literal["ae", "denoising", "sparse", "contractive", "vae"]
 Device = Literal["auto", "cpu", "cuda"]
+Runner = Literal["sequential", "threads", "dask"]
+
+#: Fields that say how a run is executed, not what it computes: they are left
+#: out of the config hash, so changing them never looks like a new model.
+EXECUTION_FIELDS = frozenset(
+    {
+        "run_date",
+        "retrain",
+        "lock_wait_seconds",
+        "runner",
+        "dask_address",
+        "dask_workers",
+    }
+)
 
 DEFAULT_DATA_DIR = "latentflow-data"
 
@@ -169,6 +190,59 @@ class PipelineConfig(BaseModel):
         0.0, ge=0, le=86400, description="Wait this long for another run's lock"
     )
 
+    # execution (not part of the config hash: the outputs do not depend on it)
+    runner: Runner = Field(
+        "sequential",
+        description="How ingest and scoring run: sequential (in the flow's"
+        " process), threads (a thread pool there) or dask (work units on a Dask"
+        " cluster: dask_address, or a local one with dask_workers)",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="runner dask: address of a running Dask scheduler, e.g."
+        " tcp://scheduler:8786; workers must see data_dir at the same path",
+        min_length=1,
+        pattern=r"^\S+$",
+    )
+    dask_workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="runner dask: start a local cluster of this many worker"
+        " processes (1 thread each) for the run; default: one per CPU core",
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _local_data_dir(cls, v: str) -> str:
+        # Partition swaps (renameat2) and dataset locks (flock) need a POSIX
+        # filesystem; an object store has neither, so a URL is refused rather
+        # than written as a local directory named "s3:".
+        if "://" in v:
+            raise ValueError(
+                "object-store URLs are not supported; use a path on a filesystem"
+                " every worker mounts (local disk, NFS, a mounted bucket)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _runner_options(self) -> PipelineConfig:
+        given = [
+            n for n in ("dask_address", "dask_workers") if getattr(self, n) is not None
+        ]
+        if given and self.runner != "dask":
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(
+                f"{' and '.join(given)} {verb} only with runner 'dask'"
+                f" (runner is {self.runner!r})"
+            )
+        if len(given) == 2:
+            raise ValueError(
+                "give dask_address (an existing cluster) or dask_workers (a local"
+                " cluster), not both"
+            )
+        return self
+
     @field_validator("hidden")
     @classmethod
     def _hidden_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -229,9 +303,7 @@ class PipelineConfig(BaseModel):
 
     def config_hash(self) -> str:
         """A short hash of everything that shapes the model and its outputs."""
-        payload = self.model_dump(
-            mode="json", exclude={"run_date", "retrain", "lock_wait_seconds"}
-        )
+        payload = self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -264,11 +336,14 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     """One line naming each bad field and what was expected."""
     parts = []
     for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
+        elif err["type"] == "value_error":
+            # Our own validators' messages, without pydantic's "Value error, ".
+            msg = str(err.get("ctx", {}).get("error", msg))
+        parts.append(f"{loc}: {msg}" if loc else msg)
     more = f" (+{len(exc.errors()) - 5} more)" if len(exc.errors()) > 5 else ""
     return f"invalid configuration in {source}: " + "; ".join(parts) + more
 

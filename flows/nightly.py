@@ -2,26 +2,49 @@
 
 Only wiring lives here: every step is a task over a plain function in
 ``tasks/``, and steps pass paths and small typed results, not DataFrames.
+
+With ``runner`` threads or dask, ingest (of several files) and scoring fan out
+as the subflows ``latentflow-ingest`` and ``latentflow-score``, whose task
+runner is chosen per run (:mod:`flows.runners`); training stays in this
+flow's process.
 """
 
 from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
+from flows.runners import RunnerScope, runner_scope
 from tasks import registry
 from tasks.decide import ChampionInfo, comparable, decide_task, gate
 from tasks.drift import measure_drift_task
 from tasks.errors import SchemaError
-from tasks.ingest import ingest_task
+from tasks.ingest import IngestResult, ingest_task
+from tasks.ingest_parts import (
+    FileIngest,
+    commit_ingest_task,
+    ingest_file_task,
+    list_sources,
+    needs_typing,
+    reference_part,
+)
+from tasks.partitions import (
+    DEFAULT_UNIT_ROWS,
+    discard_staged,
+    open_staged,
+    remove_scratch,
+    scratch_dir,
+)
 from tasks.registry import (
     find_champion_task,
     promote_task,
@@ -29,7 +52,13 @@ from tasks.registry import (
     tag_version_task,
 )
 from tasks.report import publish_report, worst_features_task
-from tasks.score import score_task
+from tasks.score import (
+    ScoreResult,
+    commit_scores_task,
+    plan_score_task,
+    score_task,
+    score_unit_task,
+)
 from tasks.storage import DatasetLock, clean_stale_staging, staging_root
 from tasks.train import train_task
 
@@ -57,24 +86,33 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
     data_dir = Path(cfg.data_dir).expanduser().resolve()
     cache_dir = data_dir / ".cache" / "models"
 
-    with DatasetLock(data_dir, dataset, cfg.lock_wait_seconds):
+    with (
+        runner_scope(cfg.runner, cfg.dask_address, cfg.dask_workers) as scope,
+        DatasetLock(data_dir, dataset, cfg.lock_wait_seconds),
+    ):
         clean_stale_staging(data_dir, dataset)
         registry.configure(data_dir)
         champion = find_champion_task.with_options(task_run_name=f"champion-{tag}")(
             cfg.model_name, cache_dir
         )
-        ing = ingest_task.with_options(task_run_name=f"ingest-{tag}")(
-            cfg.input,
-            data_dir,
-            dataset,
-            run_date,
-            keys=cfg.key_columns,
-            features=cfg.features,
-            exclude=cfg.exclude,
-            label=cfg.label,
-            rules=cfg.rules or (),
-            max_reject_fraction=cfg.max_reject_fraction,
-        )
+        ingest_args: dict[str, Any] = {
+            "keys": cfg.key_columns,
+            "features": cfg.features,
+            "exclude": cfg.exclude,
+            "label": cfg.label,
+            "rules": cfg.rules or [],
+            "max_reject_fraction": cfg.max_reject_fraction,
+        }
+        # Keyless ids count identical rows across files: one process only.
+        fan_out = scope.parallel and cfg.key_columns != []
+        if fan_out and len(list_sources(cfg.input)) > 1:
+            ing = ingest_partitioned.with_options(task_runner=scope.task_runner())(
+                cfg.input, data_dir, dataset, run_date, tag=tag, **ingest_args
+            )
+        else:
+            ing = ingest_task.with_options(task_run_name=f"ingest-{tag}")(
+                cfg.input, data_dir, dataset, run_date, **ingest_args
+            )
         if champion is not None and not cfg.retrain:
             _require_columns(champion.input_schema, ing.schema, champion.name)
         now = datetime.now(UTC)
@@ -128,12 +166,14 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
             version, run_id = champion.version, champion.run_id
             bundle = Path(champion.model_dir)
 
-        scored = score_task.with_options(task_run_name=f"score-{tag}")(
+        scored = _score(
+            scope,
             Path(ing.ingested_dir),
             bundle,
             data_dir,
             dataset,
             run_date,
+            tag=tag,
             model_name=cfg.model_name,
             model_version=version,
             mlflow_run_id=run_id,
@@ -174,6 +214,172 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         summary, metrics, summary["reason"], top, key=dataset.replace("_", "-")
     )
     return summary
+
+
+def _score(
+    scope: RunnerScope,
+    ingested_dir: Path,
+    bundle: Path,
+    data_dir: Path,
+    dataset: str,
+    run_date: date,
+    *,
+    tag: str,
+    **kwargs: Any,
+) -> ScoreResult:
+    """One scoring task, or the partitioned subflow on the run's task runner."""
+    if not scope.parallel:
+        return score_task.with_options(task_run_name=f"score-{tag}")(
+            ingested_dir, bundle, data_dir, dataset, run_date, **kwargs
+        )
+    return score_partitioned.with_options(task_runner=scope.task_runner())(
+        ingested_dir, bundle, data_dir, dataset, run_date, tag=tag, **kwargs
+    )
+
+
+def _gather(futures: Sequence[PrefectFuture[Any]]) -> list[Any]:
+    """Every future's result, after all have finished.
+
+    Waiting for all first means no task is still writing into a staged
+    directory when a failure makes the caller discard it; the first failure
+    in submission order is the one raised.
+    """
+    wait(list(futures))
+    return [f.result() for f in futures]
+
+
+@flow(name="latentflow-score", flow_run_name="score-{tag}")
+def score_partitioned(
+    ingested_dir: Path,
+    bundle: Path,
+    data_dir: Path,
+    dataset: str,
+    run_date: date,
+    *,
+    tag: str,
+    model_name: str,
+    model_version: int,
+    mlflow_run_id: str,
+    config_hash: str,
+    batch_rows: int,
+    unit_rows: int = DEFAULT_UNIT_ROWS,
+) -> ScoreResult:
+    """Score the partition's row-group units in parallel; commit them as one.
+
+    Each unit task writes its own file into one staged partition; the commit
+    checks them all and swaps the partition in whole, or nothing changes.
+    """
+    plan = plan_score_task.with_options(task_run_name=f"plan-score-{tag}")(
+        ingested_dir,
+        bundle,
+        dataset,
+        run_date,
+        model_name=model_name,
+        model_version=model_version,
+        mlflow_run_id=mlflow_run_id,
+        config_hash=config_hash,
+        unit_rows=unit_rows,
+    )
+    get_run_logger().info("scoring %d rows in %d units", plan.rows, len(plan.units))
+    staged = open_staged(data_dir, "latent", dataset, run_date)
+    try:
+        futures = [
+            score_unit_task.submit(
+                unit, plan.layout, bundle, staged.path, batch_rows=batch_rows
+            )
+            for unit in plan.units
+        ]
+        results = _gather(futures)
+        return commit_scores_task.with_options(task_run_name=f"commit-score-{tag}")(
+            staged, plan.units, results
+        )
+    finally:
+        discard_staged(staged)
+
+
+@flow(name="latentflow-ingest", flow_run_name="ingest-{tag}")
+def ingest_partitioned(
+    source: str,
+    data_dir: Path,
+    dataset: str,
+    run_date: date,
+    *,
+    tag: str,
+    keys: list[str] | None,
+    features: list[str] | None,
+    exclude: list[str],
+    label: str | None,
+    rules: list[str],
+    max_reject_fraction: float,
+) -> IngestResult:
+    """Ingest the source's files in parallel; commit them as one partition.
+
+    See :mod:`tasks.ingest_parts`: when the files cannot be combined exactly,
+    the single-process ingest runs instead.
+    """
+    scratch = scratch_dir(data_dir, "ingest-parts", dataset, run_date)
+    try:
+        per_file = {
+            "keys": keys,
+            "features": features,
+            "exclude": exclude,
+            "label": label,
+            "rules": rules,
+        }
+        files = list_sources(source)
+        parts: list[FileIngest] = _gather(
+            [
+                ingest_file_task.submit(
+                    i, path, scratch, dataset, run_date, speculative=True, **per_file
+                )
+                for i, path in enumerate(files)
+            ]
+        )
+        ref = reference_part(parts)
+        if ref is not None and ref.result is not None:
+            retyped = _gather(
+                [
+                    ingest_file_task.submit(
+                        p.index,
+                        p.path,
+                        scratch,
+                        dataset,
+                        run_date,
+                        expected_schema=ref.result.schema,
+                        **per_file,
+                    )
+                    for p in needs_typing(parts, ref)
+                ]
+            )
+            for p in retyped:
+                parts[p.index] = p
+        result = commit_ingest_task.with_options(task_run_name=f"commit-ingest-{tag}")(
+            parts,
+            data_dir,
+            dataset,
+            run_date,
+            source=source,
+            max_reject_fraction=max_reject_fraction,
+        )
+    finally:
+        remove_scratch(scratch)
+    if result is None:
+        get_run_logger().info(
+            "files share keys or have none: ingesting them in one process"
+        )
+        result = ingest_task.with_options(task_run_name=f"ingest-{tag}")(
+            source,
+            data_dir,
+            dataset,
+            run_date,
+            keys=keys,
+            features=features,
+            exclude=exclude,
+            label=label,
+            rules=rules,
+            max_reject_fraction=max_reject_fraction,
+        )
+    return result
 
 
 @dataclass

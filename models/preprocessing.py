@@ -2,12 +2,18 @@
 
 Fitted state is plain numbers and strings, saved as JSON: loading a model never
 unpickles anything.
+
+Fitting streams: :class:`PreprocessorStats` accumulates everything in one pass
+over batches of any size (memory per column, not per row) and
+:meth:`TabularPreprocessor.fit_stats` finishes the exact medians with a few
+more passes over the numeric columns. ``fit(table)`` is the one-batch case.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +68,327 @@ def _as_str(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return pc.utf8_trim_whitespace(arr)
 
 
+def _check_present(data: TableLike, columns: Sequence[str]) -> None:
+    """Raise a one-line ValueError naming every required column that is absent."""
+    present = set(data.columns if isinstance(data, pd.DataFrame) else data.schema.names)
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise ValueError(
+            f"input lacks {len(missing)} column(s) the model needs: "
+            + ", ".join(missing)
+        )
+
+
+# -- streaming statistics -------------------------------------------------------
+#
+# A fit streams batches once through :class:`PreprocessorStats` (moments, missing
+# counts, category counts and the first radix-select histogram), then makes a few
+# more passes over the numeric columns only to pin the exact medians.
+
+_DIGIT_BITS = 16  # bits of the sort key a histogram pass resolves
+_BINS = 1 << _DIGIT_BITS  # histogram bins per pass (65,536)
+_DIGIT_MASK = np.uint64(_BINS - 1)
+_SIGN = np.uint64(1 << 63)
+_KEY_MAX = np.uint64((1 << 64) - 1)
+
+BatchLike = TableLike
+#: ``reopen(columns)`` streams the same rows again, in any batch split; the
+#: batches must hold at least ``columns`` (more columns are fine).
+Reopen = Callable[[Sequence[str]], Iterable[BatchLike]]
+
+
+def _order_keys(x: np.ndarray) -> np.ndarray:
+    """Map finite float64 values to uint64 keys whose unsigned order is numeric.
+
+    Positive floats get their sign bit set (they sort above all negatives);
+    negative ones are bit-flipped (a larger magnitude is a smaller key).
+    """
+    # -0.0 + 0.0 == +0.0: both zeros get one key, so "one distinct value" is a
+    # numeric statement, as np.median sees it.
+    bits = (x + 0.0).view(np.uint64)
+    return np.where((bits & _SIGN) != 0, ~bits, bits | _SIGN)
+
+
+def _key_value(key: int) -> float:
+    """The float64 value of one :func:`_order_keys` key."""
+    k = np.uint64(key)
+    bits = k & ~_SIGN if k & _SIGN else ~k
+    return float(np.asarray(bits, dtype=np.uint64).view(np.float64))
+
+
+def _digit_shift(level: int) -> np.uint64:
+    """Right shift that brings the ``level``-th 16-bit digit (0 = top) down."""
+    return np.uint64(64 - _DIGIT_BITS * (level + 1))
+
+
+class _BinStats:
+    """Count, smallest and largest key of each occupied histogram bin.
+
+    Sparse (sorted bin ids) because real columns fill few of the 65,536 bins of
+    the top digit (sign, exponent, 4 mantissa bits): each batch is counted in
+    dense temporaries, which are then compressed to the occupied bins.
+
+    Attributes
+    ----------
+    level : int
+        Which 16-bit digit of the key is counted (0 = the top one).
+    prefix : int
+        The digits above ``level`` that every counted key shares.
+    bins : ndarray of int64, shape (n_occupied,)
+        Occupied bin numbers, ascending.
+    counts : ndarray of int64, shape (n_occupied,)
+        Keys per bin.
+    mins, maxs : ndarray of uint64, shape (n_occupied,)
+        Smallest and largest key per bin.
+    """
+
+    def __init__(self, level: int = 0, prefix: int = 0) -> None:
+        self.level = level
+        self.prefix = prefix  # the key's digits above ``level`` (an int, exact)
+        self.bins = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+        self.mins = np.zeros(0, np.uint64)
+        self.maxs = np.zeros(0, np.uint64)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def add(self, keys: np.ndarray) -> None:
+        """Count the keys under this histogram's prefix (others are ignored)."""
+        if self.level:
+            above = keys >> _digit_shift(self.level - 1)
+            keys = keys[above == np.uint64(self.prefix)]
+        if not len(keys):
+            return
+        digit = ((keys >> _digit_shift(self.level)) & _DIGIT_MASK).astype(np.intp)
+        counts = np.bincount(digit, minlength=_BINS)
+        occupied = np.flatnonzero(counts)
+        mins = np.full(_BINS, _KEY_MAX, np.uint64)
+        maxs = np.zeros(_BINS, np.uint64)
+        np.minimum.at(mins, digit, keys)
+        np.maximum.at(maxs, digit, keys)
+        other = _BinStats(self.level, self.prefix)
+        other.bins = occupied.astype(np.int64)
+        other.counts = counts[occupied].astype(np.int64)
+        other.mins, other.maxs = mins[occupied], maxs[occupied]
+        self.merge(other)
+
+    def merge(self, other: _BinStats) -> None:
+        """Add ``other``'s counts (same level and prefix) into this one."""
+        if not len(other.bins):
+            return
+        if not len(self.bins):
+            self.bins, self.counts = other.bins.copy(), other.counts.copy()
+            self.mins, self.maxs = other.mins.copy(), other.maxs.copy()
+            return
+        bins = np.union1d(self.bins, other.bins)
+        mine = np.searchsorted(bins, self.bins)
+        theirs = np.searchsorted(bins, other.bins)
+        counts = np.zeros(len(bins), np.int64)
+        mins = np.full(len(bins), _KEY_MAX, np.uint64)
+        maxs = np.zeros(len(bins), np.uint64)
+        for idx, src in ((mine, self), (theirs, other)):
+            counts[idx] += src.counts
+            mins[idx] = np.minimum(mins[idx], src.mins)
+            maxs[idx] = np.maximum(maxs[idx], src.maxs)
+        self.bins, self.counts, self.mins, self.maxs = bins, counts, mins, maxs
+
+
+class _RankSearch:
+    """Radix select of the key with 0-based ``rank`` among a column's keys.
+
+    Each histogram pass narrows the search to the bin holding the rank; it
+    ends when that bin holds one distinct key, or the rank is the bin's
+    smallest or largest key, or (at worst) after the fourth 16-bit digit.
+    """
+
+    def __init__(self, rank: int, count: int) -> None:
+        self.rank = rank  # rank among the keys under the current prefix
+        self.count = count  # how many keys are under it
+        self.level = 0
+        self.prefix = 0
+        self.key: int | None = None
+
+    def step(self, hist: _BinStats) -> None:
+        """Narrow the search with the histogram of the current level and prefix."""
+        if hist.total != self.count:
+            # reopen() must stream the rows of the first pass; anything else
+            # would give a wrong median without a word.
+            raise ValueError(
+                f"the rows changed between passes: {hist.total} values under a"
+                f" median bin, expected {self.count}"
+            )
+        cum = np.cumsum(hist.counts)
+        i = int(np.searchsorted(cum, self.rank, side="right"))
+        rank = self.rank - (int(cum[i - 1]) if i else 0)
+        lo, hi = int(hist.mins[i]), int(hist.maxs[i])
+        if lo == hi or rank == 0:
+            self.key = lo
+        elif rank == int(hist.counts[i]) - 1:
+            self.key = hi
+        else:  # a 4th-level bin is a single key (lo == hi): never gets here
+            self.rank, self.count = rank, int(hist.counts[i])
+            self.prefix = (self.prefix << _DIGIT_BITS) | int(hist.bins[i])
+            self.level += 1
+
+
+class PreprocessorStats:
+    """Mergeable per-column accumulators for a streaming preprocessor fit.
+
+    One pass of :meth:`update` over any split of the data into batches gives
+    exactly what an in-memory fit needs, except the medians: those need the
+    first histogram gathered here plus a few passes over the numeric columns
+    (see :meth:`TabularPreprocessor.fit_stats`). Memory is per column, not per
+    row: moments and counts, a sparse 65,536-bin histogram of the top 16 bits
+    of each value, and one counter per distinct category value.
+
+    Parameters
+    ----------
+    numeric : sequence of str
+        Numeric columns, shape (n_numeric,).
+    categorical : sequence of str
+        Categorical columns, shape (n_categorical,).
+
+    Attributes
+    ----------
+    n_rows : int
+        Rows seen.
+    n_obs : ndarray of int64, shape (n_numeric,)
+        Non-missing values per numeric column.
+    shift : ndarray of float64, shape (n_numeric,)
+        The first non-missing value of each column (NaN before one is seen).
+    mean_shifted, m2_obs : ndarray of float64, shape (n_numeric,)
+        Mean of ``value - shift`` and sum of squared deviations of the
+        non-missing values, merged batch by batch with Chan et al.'s formulas.
+        Shifting by a value of the data keeps them accurate when the spread is
+        tiny next to the magnitude (1e9 +- 0.1): an unshifted mean carries an
+        error of ulp(1e9) that the imputation step would square.
+    top_bins : list of _BinStats, length n_numeric
+        Histogram of the top 16 bits of the non-missing values' sort keys: the
+        first step of the exact median's radix select.
+    category_counts : dict[str, dict[str, int]]
+        Rows per (stripped) value, missing as ``__missing__``.
+    """
+
+    def __init__(self, numeric: Sequence[str] = (), categorical: Sequence[str] = ()):
+        self.numeric = tuple(numeric)
+        self.categorical = tuple(categorical)
+        k = len(self.numeric)
+        self.n_rows = 0
+        self.n_obs = np.zeros(k, np.int64)
+        self.shift = np.full(k, np.nan)
+        self.mean_shifted = np.zeros(k, np.float64)
+        self.m2_obs = np.zeros(k, np.float64)
+        self.top_bins = [_BinStats() for _ in self.numeric]
+        self.category_counts: dict[str, dict[str, int]] = {
+            c: {} for c in self.categorical
+        }
+
+    def update(self, batch: BatchLike) -> None:
+        """Accumulate one batch (a DataFrame, Table or RecordBatch, any length)."""
+        _check_present(batch, [*self.numeric, *self.categorical])
+        n = len(batch)
+        self.n_rows += n
+        if not n:
+            return
+        for i, name in enumerate(self.numeric):
+            x = _as_float(_column(batch, name))
+            obs = x[~np.isnan(x)]
+            if len(obs):
+                if self.n_obs[i] == 0:
+                    self.shift[i] = obs[0]
+                y = obs - self.shift[i]
+                mean = float(y.mean())
+                m2 = float(np.square(y - mean).sum())  # two-pass within the batch
+                self._merge_moments(i, len(obs), mean, m2)
+                self.top_bins[i].add(_order_keys(obs))
+        for name in self.categorical:
+            col = _as_str(_column(batch, name)).fill_null(MISSING)
+            vc = pc.value_counts(col)
+            counts = self.category_counts[name]
+            values = vc.field("values").to_pylist()
+            for value, k in zip(values, vc.field("counts").to_pylist(), strict=True):
+                counts[value] = counts.get(value, 0) + k
+
+    def _merge_moments(self, i: int, n_b: int, mean_b: float, m2_b: float) -> None:
+        # Chan, Golub & LeVeque (1979): exact for the merged set, no cancellation.
+        n_a = int(self.n_obs[i])
+        n = n_a + n_b
+        delta = mean_b - float(self.mean_shifted[i])
+        self.mean_shifted[i] += delta * (n_b / n)
+        self.m2_obs[i] += m2_b + delta * delta * (n_a * n_b / n)
+        self.n_obs[i] = n
+
+    def merge(self, other: PreprocessorStats) -> PreprocessorStats:
+        """Add another accumulator's rows (same columns) into this one; returns self."""
+        if (other.numeric, other.categorical) != (self.numeric, self.categorical):
+            raise ValueError("cannot merge statistics of different columns")
+        self.n_rows += other.n_rows
+        for i in range(len(self.numeric)):
+            if other.n_obs[i]:
+                if self.n_obs[i] == 0:
+                    self.shift[i] = other.shift[i]
+                # Their mean in our shifted frame.
+                mean = float(other.mean_shifted[i]) + (other.shift[i] - self.shift[i])
+                self._merge_moments(
+                    i, int(other.n_obs[i]), mean, float(other.m2_obs[i])
+                )
+            self.top_bins[i].merge(other.top_bins[i])
+        for name, theirs in other.category_counts.items():
+            counts = self.category_counts[name]
+            for value, k in theirs.items():
+                counts[value] = counts.get(value, 0) + k
+        return self
+
+    def medians(self, reopen: Reopen) -> np.ndarray:
+        """Exact medians of the non-missing values, shape (n_numeric,).
+
+        Equal to ``np.median`` (the mean of the two middle values for an even
+        count; 0.0 for an all-missing column). ``reopen`` streams the same rows
+        again; it is called once per extra pass (at most 3, usually 0 or 1),
+        with only the columns still unresolved.
+        """
+        searches: list[list[_RankSearch]] = []
+        for n in self.n_obs.tolist():
+            ranks = [] if n == 0 else sorted({(n - 1) // 2, n // 2})
+            searches.append([_RankSearch(r, n) for r in ranks])
+        hists: list[dict[tuple[int, int], _BinStats]] = [
+            {(0, 0): h} for h in self.top_bins
+        ]
+        while True:
+            for col, found in zip(searches, hists, strict=True):
+                for s in col:
+                    if s.key is None:
+                        s.step(found[(s.level, s.prefix)])
+            pending = [
+                {
+                    (s.level, s.prefix): _BinStats(s.level, s.prefix)
+                    for s in col
+                    if s.key is None
+                }
+                for col in searches
+            ]
+            todo = [i for i, p in enumerate(pending) if p]
+            if not todo:
+                break
+            names = [self.numeric[i] for i in todo]
+            for batch in reopen(names):
+                for i, name in zip(todo, names, strict=True):
+                    x = _as_float(_column(batch, name))
+                    keys = _order_keys(x[~np.isnan(x)])
+                    for h in pending[i].values():
+                        h.add(keys)
+            hists = pending
+        out = np.zeros(len(self.numeric), np.float64)
+        for i, col in enumerate(searches):
+            keys = [s.key for s in col if s.key is not None]
+            if keys:
+                # Same arithmetic as np.median: the mean of the middle values.
+                out[i] = np.mean(np.array([_key_value(k) for k in keys]))
+        return out
+
+
 class TabularPreprocessor:
     """Impute, flag, scale and one-hot encode a table into a float32 matrix.
 
@@ -106,43 +433,100 @@ class TabularPreprocessor:
 
     # -- fitting --------------------------------------------------------------
     def fit(self, data: TableLike) -> TabularPreprocessor:
-        """Learn statistics from ``data`` (a DataFrame, Table or RecordBatch)."""
+        """Learn statistics from ``data`` (a DataFrame, Table or RecordBatch).
+
+        The one-batch case of :meth:`fit_batches`: the same code and results.
+        """
+        return self.fit_batches([data])
+
+    def fit_batches(
+        self, batches: Sequence[BatchLike] | Callable[[], Iterable[BatchLike]]
+    ) -> TabularPreprocessor:
+        """Learn statistics from a stream of batches, in memory per column.
+
+        Parameters
+        ----------
+        batches : sequence of batches, or a callable returning an iterable of them
+            DataFrames, Tables or RecordBatches holding the input columns, any
+            number of rows each (empty ones too). The exact medians need up to
+            three more passes over the numeric columns, so a one-shot iterator
+            is not enough: pass a list, or a callable that streams the same
+            rows again each time it is called.
+
+        Returns
+        -------
+        self
+            Fitted exactly as :meth:`fit` on all the rows in one table (to the
+            last few ulps for means and scales; exactly for medians, categories
+            and missing flags), whatever the batch split.
+        """
+        self._check_params()
+        if isinstance(batches, (pd.DataFrame, pa.Table, pa.RecordBatch)):
+            raise TypeError("fit_batches takes a list of batches; use fit(table)")
+        stream: Callable[[], Iterable[BatchLike]]
+        if callable(batches):
+            stream = batches
+        else:  # a list replays for the median passes
+            stream = functools.partial(iter, list(batches))
+        stats = PreprocessorStats(self.numeric, self.categorical)
+        for batch in stream():
+            stats.update(batch)
+        return self.fit_stats(stats, lambda _columns: stream())
+
+    def fit_stats(
+        self, stats: PreprocessorStats, reopen: Reopen
+    ) -> TabularPreprocessor:
+        """Finish a fit from accumulated statistics.
+
+        Parameters
+        ----------
+        stats : PreprocessorStats
+            One full pass over the rows, for this preprocessor's columns.
+        reopen : callable
+            ``reopen(columns)`` streams the same rows again (any batch split);
+            called only while some median is unresolved (at most three times),
+            with the numeric columns still needed.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        if (stats.numeric, stats.categorical) != (self.numeric, self.categorical):
+            raise ValueError("the statistics were gathered for other columns")
+        n = stats.n_rows
+        if n == 0:
+            raise ValueError("cannot fit the preprocessor on 0 rows")
+        medians = stats.medians(reopen)
+        n_obs = stats.n_obs.astype(np.float64)
+        n_miss = n - n_obs
+        # Imputing n_miss copies of the median is merging a zero-spread group
+        # of that size (Chan's formula again): no second pass over the rows.
+        shift = np.nan_to_num(stats.shift)  # all-missing: mean 0, median 0
+        delta = (medians - shift) - stats.mean_shifted
+        means = shift + (stats.mean_shifted + delta * (n_miss / n))
+        m2 = stats.m2_obs + delta * delta * (n_obs * n_miss / n)
+        stds = np.sqrt(np.maximum(m2, 0.0) / n)
+        self.medians_ = medians
+        self.means_ = means
+        # A constant column carries no information; scale 1 keeps it at 0.
+        self.scales_ = np.where((stds > 1e-12) & np.isfinite(stds), stds, 1.0)
+        self.has_missing_ = stats.n_obs < n
+        self.categories_: dict[str, list[str]] = {}
+        for name in self.categorical:
+            # Most frequent first, ties broken by value so fits are reproducible.
+            ranked = sorted(
+                stats.category_counts[name].items(), key=lambda kv: (-kv[1], kv[0])
+            )
+            self.categories_[name] = [v for v, _ in ranked[: self.max_categories]]
+        self._build_names()
+        return self
+
+    def _check_params(self) -> None:
         if not self.numeric and not self.categorical:
             raise ValueError("the preprocessor needs at least one feature column")
         if self.max_categories < 1:
             raise ValueError(f"max_categories must be >= 1, got {self.max_categories}")
-        self.check_columns(data)
-        n = len(data)
-        if n == 0:
-            raise ValueError("cannot fit the preprocessor on 0 rows")
-        medians, means, scales, has_missing = [], [], [], []
-        for name in self.numeric:
-            x = _as_float(_column(data, name))
-            miss = np.isnan(x)
-            med = float(np.median(x[~miss])) if (~miss).any() else 0.0
-            filled = np.where(miss, med, x)
-            mean = float(filled.mean())
-            std = float(filled.std())
-            medians.append(med)
-            means.append(mean)
-            # A constant column carries no information; scale 1 keeps it at 0.
-            scales.append(std if std > 1e-12 and np.isfinite(std) else 1.0)
-            has_missing.append(bool(miss.any()))
-        self.medians_ = np.asarray(medians, dtype=np.float64)
-        self.means_ = np.asarray(means, dtype=np.float64)
-        self.scales_ = np.asarray(scales, dtype=np.float64)
-        self.has_missing_ = np.asarray(has_missing, dtype=bool)
-        self.categories_: dict[str, list[str]] = {}
-        for name in self.categorical:
-            col = _as_str(_column(data, name))
-            counts = pc.value_counts(col.fill_null(MISSING)).to_pylist()
-            # Most frequent first, ties broken by value so fits are reproducible.
-            counts.sort(key=lambda d: (-d["counts"], d["values"]))
-            self.categories_[name] = [d["values"] for d in counts][
-                : self.max_categories
-            ]
-        self._build_names()
-        return self
 
     def _build_names(self) -> None:
         names: list[str] = []
@@ -172,15 +556,7 @@ class TabularPreprocessor:
 
     def check_columns(self, data: TableLike) -> None:
         """Raise a one-line ValueError naming every required column that is absent."""
-        present = set(
-            data.columns if isinstance(data, pd.DataFrame) else data.schema.names
-        )
-        missing = [c for c in self.input_columns if c not in present]
-        if missing:
-            raise ValueError(
-                f"input lacks {len(missing)} column(s) the model needs: "
-                + ", ".join(missing)
-            )
+        _check_present(data, self.input_columns)
 
     def transform(self, data: TableLike) -> np.ndarray:
         """Encode ``data`` into a float32 matrix of shape (n_rows, n_features_out)."""

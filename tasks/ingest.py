@@ -15,6 +15,15 @@ one-line message naming the file, the column or row, and what was expected.
 
 Choices worth knowing:
 
+* Threads, on a pipeline of blocks: pyarrow's reader splits block k+2 into
+  cells on its own threads, a pool parses block k+1's columns (Arrow and
+  numpy release the GIL), the main thread deduplicates keys and words the
+  rejects of block k, and one writer thread encodes block k-1 to Parquet.
+  Output is the same as a serial run's (each stage keeps block order), and a
+  few blocks are in flight at most. A file with a wrong-field-count row is
+  read again serially from the start: only pyarrow's serial reader numbers
+  such rows.
+
 * Delimiter: sniffed from the header line. A comma wins if there is one, else the
   most frequent of ``;``, tab and ``|`` (with a warning). Semicolon files may use
   a decimal comma (``12,5``) in numeric columns, as European exports do.
@@ -54,6 +63,8 @@ import glob
 import gzip
 import io
 import json
+import os
+import queue
 import re
 import sys
 import threading
@@ -61,7 +72,8 @@ import weakref
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from itertools import combinations
 from pathlib import Path
@@ -137,9 +149,11 @@ _PARSE_SHARE = 0.95  # share of non-null sample cells that must parse as numbers
 _CATEGORICAL_LIMIT = 1000
 _HEAD_BYTES = 1 << 20  # the header must fit in the first MiB
 _SNIFF_BYTES = 1 << 16  # encoding/binary/delimiter checks look at this much
-_READ_AHEAD = 2  # CSV blocks pyarrow may read beyond the one being processed
+_READ_AHEAD = 1  # CSV blocks pyarrow may read beyond the one handed out
 _DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
 _MAX_KEY_TRIES = 5000
+# Workers parsing a block's columns; the floor's CSV reader uses every core too.
+_PARSE_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
 # --------------------------------------------------------------------- schema API
@@ -271,6 +285,9 @@ class _Hints:
     """How to read one file, learnt from a failed attempt (see :func:`ingest`)."""
 
     latin1_at: int | None = None  # not UTF-8 after all: first bad byte
+    # A row with a wrong field count: read serially, the only way pyarrow
+    # numbers such rows (the threaded reader is faster on clean files).
+    serial: bool = False
 
 
 class _Retry(Exception):
@@ -626,8 +643,19 @@ class _CsvSource:
         self._fh.close()
 
     def chunks(self) -> Iterator[_Chunk]:
-        """Blocks of raw string cells; rows with a wrong field count come aside."""
+        """Blocks of raw string cells; rows with a wrong field count come aside.
+
+        Read first with pyarrow's threads (blocks are split into cells ahead,
+        on the other cores, while the caller validates the last one) and no
+        handler for rows with a wrong field count: any parse error, such a
+        row included, restarts the ingestion reading this file serially
+        (:class:`_Retry`), which rejects those rows or words the error exactly
+        as before. Only the serial reader numbers bad rows, and the threaded
+        one hands the row handler text cut at block boundaries (not always
+        valid UTF-8). Well-formed files, the usual case, are read once.
+        """
         pending: list[tuple[int, str, int]] = []
+        threaded = not self.hints.serial
 
         def on_invalid(row: Any) -> str:
             number = row.number if row.number is not None else -1
@@ -641,9 +669,7 @@ class _CsvSource:
             reader = pacsv.open_csv(
                 self.stream,
                 read_options=pacsv.ReadOptions(
-                    # Only the serial reader numbers bad rows (and the threaded
-                    # one hands the row handler text cut at block boundaries).
-                    use_threads=False,
+                    use_threads=threaded,
                     block_size=self.block_size,
                     column_names=names,
                 ),
@@ -654,7 +680,7 @@ class _CsvSource:
                     escape_char=False,
                     newlines_in_values=True,
                     ignore_empty_lines=True,
-                    invalid_row_handler=on_invalid,
+                    invalid_row_handler=None if threaded else on_invalid,
                 ),
                 convert_options=pacsv.ConvertOptions(
                     column_types={n: pa.string() for n in names},
@@ -680,6 +706,12 @@ class _CsvSource:
         except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError) as exc:
             if self.stream.error is None and "Empty CSV" in str(exc):
                 return  # nothing after the header (the caller reports no rows)
+            if (
+                threaded
+                and self.stream.error is None
+                and isinstance(exc, pa.ArrowInvalid)
+            ):
+                raise _Retry(self.path, replace(self.hints, serial=True)) from None
             raise self._error(exc, next_no) from None
         finally:
             # Wakes a read-ahead waiting in read() before the reader is dropped.
@@ -721,7 +753,9 @@ class _CsvSource:
         after = f"after row {next_no}"
         if isinstance(err, UnicodeDecodeError):
             if self.encoding == "utf-8":
-                raise _Retry(self.path, _Hints(latin1_at=self.stream.bad_offset))
+                raise _Retry(
+                    self.path, replace(self.hints, latin1_at=self.stream.bad_offset)
+                )
             return InputError(f"{self.path}: not valid {self.encoding} text {after}")
         if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
             return InputError(
@@ -902,6 +936,54 @@ class _SeenSet:
 
 
 _FILE_SHIFT = 40  # positions pack (file index, row number) into one int64
+
+
+class _WriteBehind:
+    """Parquet writes on one background thread, in submission order.
+
+    pyarrow encodes and compresses with the GIL released, so block k is
+    written while block k+1 is validated: writing is a third of the work and
+    the floor (``read_csv`` + ``write_table``) keeps both cores busy too. At
+    most ``depth`` batches wait, so memory stays a few blocks; the first
+    write error is raised in the caller's thread (next :meth:`submit`, or
+    :meth:`close`).
+    """
+
+    def __init__(self, depth: int = 1) -> None:
+        self._queue: queue.Queue[tuple[pq.ParquetWriter, pa.RecordBatch] | None] = (
+            queue.Queue(maxsize=depth)
+        )
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread = threading.Thread(
+            target=self._run, name="latentflow-ingest-writer", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, writer: pq.ParquetWriter, batch: pa.RecordBatch) -> None:
+        """Queue ``batch`` for ``writer`` (blocks while the queue is full)."""
+        self._raise_error()
+        self._queue.put((writer, batch))
+
+    def close(self, discard: bool = False) -> None:
+        """Finish (or, with ``discard``, drop) queued writes; join the thread."""
+        self._discard = discard
+        self._queue.put(None)
+        self._thread.join()
+        if not discard:
+            self._raise_error()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None and not self._discard:
+                try:
+                    item[0].write_batch(item[1])
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 @dataclass
@@ -1113,10 +1195,14 @@ class _Ingestion:
             ):
                 self._open_writers(ing.file(PART_NAME), rej.file(PART_NAME))
                 try:
-                    for fi, chunk in _chain(buffered, stream):
-                        self._process(fi, chunk)
-                finally:
-                    self._close_writers()
+                    with ThreadPoolExecutor(
+                        _PARSE_THREADS, thread_name_prefix="latentflow-parse"
+                    ) as self.pool:
+                        self._process_all(_chain(buffered, stream))
+                except BaseException:
+                    self._close_writers(failed=True)  # keeps this error
+                    raise
+                self._close_writers()
                 self._finish()
                 ing.commit()
                 rej.commit()
@@ -1358,14 +1444,66 @@ class _Ingestion:
             ingested, self.out_schema, use_dictionary=self.schema.names or False
         )
         self.rej_writer = pq.ParquetWriter(rejected, self.rej_schema)
+        self.write_behind = _WriteBehind()
 
-    def _close_writers(self) -> None:
-        for w in (self.writer, self.rej_writer):
-            w.close()
+    def _close_writers(self, failed: bool = False) -> None:
+        try:
+            self.write_behind.close(discard=failed)
+        finally:
+            for w in (self.writer, self.rej_writer):
+                w.close()
 
     # --------------------------------------------------------------- processing
 
-    def _process(self, fi: int, chunk: _Chunk) -> None:
+    def _process_all(self, chunks: Iterable[tuple[int, _Chunk]]) -> None:
+        """Process blocks in order, with the next block's pure work in the pool."""
+        ahead: _Block | None = None
+        for fi, chunk in chunks:
+            started = self._start(fi, chunk)
+            if ahead is not None:
+                self._process(ahead)
+            ahead = started
+        if ahead is not None:
+            self._process(ahead)
+
+    def _start(self, fi: int, chunk: _Chunk) -> _Block:
+        """Submit the block's pure work (parsing, rules, row hashes) to the pool.
+
+        The caller submits block k+1 before finishing block k, so the pool
+        works while the main thread deduplicates and the writer writes. Tasks
+        waiting on other tasks' futures are submitted after them: the pool's
+        queue is FIFO, so whatever they wait for has already been picked up
+        and cannot be stuck behind them.
+        """
+        block = _Block(fi, chunk)
+        raw = chunk.raw
+        if raw.num_rows == 0:
+            return block
+        decimal_comma = self.delimiters[fi] == ";"
+        hashed = set(self.id_columns)
+        for spec in self.schema.columns:
+            block.columns[spec.name] = self.pool.submit(
+                _parse_column,
+                spec,
+                raw.column(self.raw_index[spec.name]),
+                decimal_comma,
+                spec.name in hashed,
+            )
+        block.rules = [
+            self.pool.submit(
+                _violations, rule, {c: block.columns[c] for c in rule.columns}
+            )
+            for rule in self.rules
+        ]
+        block.hashes = self.pool.submit(
+            _sorted_hashes,
+            [block.columns[c] for c in self.id_columns],
+            stable=not self.schema.keys,
+        )
+        return block
+
+    def _process(self, block: _Block) -> None:
+        fi, chunk = block.fi, block.chunk
         raw = chunk.raw
         n = raw.num_rows
         self.rows_in += n + len(chunk.ragged)
@@ -1374,32 +1512,21 @@ class _Ingestion:
             self._reject_ragged(fi, chunk.ragged)
         if n == 0:
             return
-        decimal_comma = self.delimiters[fi] == ";"
-
-        def parse(spec: ColumnSpec) -> Parsed:
-            col = raw.column(self.raw_index[spec.name])
-            if spec.kind == "numeric":
-                return parse_numeric(col, decimal_comma)
-            if spec.kind == "date":
-                return parse_date(col)
-            return parse_text(col)
-
-        # Serial on purpose: a thread pool per column, a reading thread and a
-        # writing thread were each measured and gained nothing on 2 cores.
         parsed: dict[str, Parsed] = {}
         problems: list[_Problem] = []
         for spec in self.schema.columns:
-            parsed[spec.name] = p = parse(spec)
+            parsed[spec.name] = p = block.columns[spec.name].result()[0]
             problems += _cell_problems(spec, p)
-        values = {name: p.values for name, p in parsed.items()}
-        for rule in self.rules:
-            broken = rule.violations(values)
+        for rule, future in zip(self.rules, block.rules, strict=True):
+            broken = future.result()
             if broken is not None:
                 problems.append(_rule_problem(rule, broken, parsed))
         bad = np.zeros(n, bool)
         for prob in problems:
             bad |= prob.mask
-        ids, dup = self._row_ids(fi, chunk.row_numbers, parsed, ~bad)
+        assert block.hashes is not None  # set for every non-empty block
+        hashes, order = block.hashes.result()
+        ids, dup = self._row_ids(fi, chunk.row_numbers, parsed, hashes, order, ~bad)
         if dup is not None:
             problems.append(dup)
             bad |= dup.mask
@@ -1409,20 +1536,23 @@ class _Ingestion:
             self._write_rejected(fi, chunk, np.flatnonzero(bad), problems)
 
     def _row_ids(
-        self, fi: int, numbers: np.ndarray, parsed: dict[str, Parsed], ok: np.ndarray
+        self,
+        fi: int,
+        numbers: np.ndarray,
+        parsed: dict[str, Parsed],
+        hashes: np.ndarray,
+        by_hash: np.ndarray,
+        ok: np.ndarray,
     ) -> tuple[np.ndarray, _Problem | None]:
         """Ids for all rows, and the duplicate-key problem among the ``ok`` ones.
 
-        Works on the candidates sorted by hash (one stable argsort): equal
-        hashes are adjacent, the earliest row first, and the new ones come out
-        already sorted for the seen-set.
+        Works on the candidates sorted by hash (``by_hash`` sorts all rows; a
+        subset of a sorted order is sorted): equal hashes are adjacent, and
+        the new ones come out already sorted for the seen-set.
         """
-        hashes = combine_hashes([hash_text(parsed[c].text) for c in self.id_columns])
         cand = np.flatnonzero(ok)
         keyed = bool(self.schema.keys)
-        # Keyed rows only need each group's earliest row (a cheaper unstable sort
-        # and a reduceat); keyless copies are ranked in file order (stable sort).
-        order = cand[np.argsort(hashes[cand], kind="quicksort" if keyed else "stable")]
+        order = by_hash[ok[by_hash]]
         hs = hashes[order]
         starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]]) if len(hs) else cand
         sizes = np.diff(np.r_[starts, len(hs)])
@@ -1508,8 +1638,8 @@ class _Ingestion:
             arr = values if take is None else values.take(take)
             arrays.append(arr)
             self._update_stats(c.name, arr)
-        self.writer.write_batch(
-            pa.RecordBatch.from_arrays(arrays, schema=self.out_schema)
+        self.write_behind.submit(
+            self.writer, pa.RecordBatch.from_arrays(arrays, schema=self.out_schema)
         )
         self.rows_accepted += len(idx)
 
@@ -1586,7 +1716,7 @@ class _Ingestion:
             ],
             schema=self.rej_schema,
         )
-        self.rej_writer.write_batch(batch)
+        self.write_behind.submit(self.rej_writer, batch)
         self.rows_rejected += n
 
     # ------------------------------------------------------------------- finish
@@ -1654,6 +1784,55 @@ def _header_mismatch(path: Path, names: list[str], first: Path, want: list[str])
     if extra:
         parts.append(f"extra {', '.join(extra)}")
     return f"{path}: header differs from {first}: {'; '.join(parts)}"
+
+
+_ParsedColumn = tuple[Parsed, np.ndarray | None]
+
+
+@dataclass
+class _Block:
+    """One block on its way: the chunk and its pure work, running in the pool."""
+
+    fi: int
+    chunk: _Chunk
+    columns: dict[str, Future[_ParsedColumn]] = field(default_factory=dict)
+    rules: list[Future[np.ndarray | None]] = field(default_factory=list)
+    hashes: Future[tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def _violations(
+    rule: CompiledRule, columns: dict[str, Future[_ParsedColumn]]
+) -> np.ndarray | None:
+    return rule.violations({c: f.result()[0].values for c, f in columns.items()})
+
+
+def _sorted_hashes(
+    columns: list[Future[_ParsedColumn]], stable: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row hashes of a block and the rows sorted by them.
+
+    Keyed rows only need each group's earliest row (a cheaper unstable sort and
+    a reduceat later); keyless copies are ranked in file order (stable sort).
+    """
+    hashes = combine_hashes([f.result()[1] for f in columns])
+    return hashes, np.argsort(hashes, kind="stable" if stable else "quicksort")
+
+
+def _parse_column(
+    spec: ColumnSpec, raw: pa.Array, decimal_comma: bool, hashed: bool
+) -> _ParsedColumn:
+    """One column of a block, typed, and the hash of its text if it makes ids.
+
+    Pure (no shared state), so blocks' columns parse in the worker threads:
+    Arrow and numpy release the GIL for the heavy parts.
+    """
+    if spec.kind == "numeric":
+        p = parse_numeric(raw, decimal_comma)
+    elif spec.kind == "date":
+        p = parse_date(raw)
+    else:
+        p = parse_text(raw)
+    return p, hash_text(p.text) if hashed else None
 
 
 def _cell_problems(spec: ColumnSpec, p: Parsed) -> list[_Problem]:

@@ -1,14 +1,25 @@
 """Stream the ingested partition through the model into ``latent/``.
 
-Memory stays flat at any size: record batches are read, encoded, scored and
-written as Parquet row groups one at a time, into a staged partition that is
-swapped into place only when every row has been written.
+Memory stays flat at any size: record batches are read one row group at a
+time, encoded, scored and written as Parquet row groups, into a staged
+partition that is swapped into place only when every row has been written.
+
+The work is cut into :class:`~tasks.partitions.WorkUnit` s (whole row groups of
+the ingested files). The single-machine path scores one unit that covers the
+whole partition into ``part-00000.parquet``; a partitioned run scores many
+units in parallel, each into its own file, and :func:`commit_scores` swaps them
+in together. Both read every row group on its own (batches never span two row
+groups), so a row is scored in the same batch shape, with the same result,
+whichever way the partition was cut.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import heapq
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -16,17 +27,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from prefect import task
 
 from models.bundle import LatentModel
 from tasks.errors import SchemaError
 from tasks.faults import checkpoint
-from tasks.policy import IO
-from tasks.storage import StagedPartition
+from tasks.partitions import (
+    WorkUnit,
+    keep_only,
+    partition_files,
+    plan_units,
+    single_unit,
+    unit_size,
+)
+from tasks.policy import IO, PLAIN
+from tasks.storage import StagedPartition, atomic_path
 
 TOP_K = 20
+#: Scored errors kept per batch for the p99 estimate: bounded memory at any size.
+_ERROR_SAMPLE = 4096
 
 
 @dataclass
@@ -37,6 +57,46 @@ class ScoreResult:
     recon_error_mean: float
     recon_error_p99: float
     top_anomalies: list[dict[str, Any]] = field(default_factory=list)
+    units: int = 1
+    compute_seconds: float = 0.0  # summed over units: in-task wall time
+
+
+@dataclass
+class ScoreLayout:
+    """What every unit writes: the output schema (with its metadata) and what
+    it reads. Small, so it travels with each task instead of the model."""
+
+    schema: pa.Schema
+    columns: list[str]
+    keys: list[str]
+    model_name: str
+    model_version: int
+
+
+@dataclass
+class UnitResult:
+    """One unit's output file and the facts :func:`merge_results` combines."""
+
+    index: int
+    file: str
+    rows: int
+    anomalies: int
+    error_sum: float
+    top: list[tuple[float, int]]
+    error_sample: np.ndarray
+    seconds: float  # wall time inside the unit, model loading included
+
+
+@dataclass
+class ScorePlan:
+    """A partitioned scoring run: the layout and the units, in order."""
+
+    layout: ScoreLayout
+    units: list[WorkUnit]
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
 
 
 def output_schema(
@@ -59,10 +119,50 @@ def output_schema(
     return pa.schema(fields)
 
 
-def score_partition(
+# ------------------------------------------------------------------- the model
+
+
+def bundle_fingerprint(bundle_dir: Path) -> str:
+    """SHA-256 over a bundle's JSON files, the weights' SHA-256 among them.
+
+    Cheap (a few KiB are read), and it changes whenever the model does, so a
+    cache keyed by it never serves a stale model for a reused path.
+    """
+    h = hashlib.sha256()
+    for name in ("bundle.json", "preprocessor.json", "estimator/estimator.json"):
+        h.update(name.encode() + b"\0")
+        h.update((Path(bundle_dir) / name).read_bytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(path: str, fingerprint: str, device: str) -> LatentModel:
+    del fingerprint  # part of the cache key only
+    return LatentModel.load(path, device=device)
+
+
+def load_model(bundle_dir: Path, device: str = "cpu") -> LatentModel:
+    """The bundle's model, loaded once per process (weights only, no pickle).
+
+    Scoring tasks get the bundle's *path* on shared storage; each worker
+    process loads the weights the first time and reuses them for every later
+    unit, so the model is never pickled into a task.
+    """
+    path = Path(bundle_dir).resolve()
+    try:
+        fingerprint = bundle_fingerprint(path)
+    except OSError:
+        # Let the loader report what is wrong with the bundle, as it always has.
+        return LatentModel.load(path, device=device)
+    return _cached_model(str(path), fingerprint, device)
+
+
+# -------------------------------------------------------------------- planning
+
+
+def prepare_scoring(
     ingested_dir: Path,
     bundle_dir: Path,
-    data_dir: Path,
     dataset: str,
     run_date: date,
     *,
@@ -70,13 +170,19 @@ def score_partition(
     model_version: int,
     mlflow_run_id: str,
     config_hash: str,
-    batch_rows: int = 65536,
     device: str = "cpu",
-) -> ScoreResult:
-    """Score every ingested row and commit ``latent/<dataset>/run_date=...``."""
-    model = LatentModel.load(bundle_dir, device=device)
-    source = pads.dataset(str(ingested_dir), format="parquet")
-    names = set(source.schema.names)
+) -> ScoreLayout:
+    """Check the data against the model and fix the output schema and metadata.
+
+    Raises
+    ------
+    SchemaError
+        The data lacks a column the model needs.
+    """
+    model = load_model(bundle_dir, device=device)
+    files = partition_files(ingested_dir)
+    source = pq.read_schema(files[0]) if files else pa.schema([])
+    names = set(source.names)
     needed = model.preprocessor.input_columns
     missing = [c for c in needed if c not in names]
     if missing:
@@ -85,7 +191,7 @@ def score_partition(
             f" v{model_version} needs: {', '.join(missing)}"
         )
     keys = [k for k in model.info.keys if k in names]
-    key_types = [(k, source.schema.field(k).type) for k in keys]
+    key_types = [(k, source.field(k).type) for k in keys]
     schema = output_schema(
         key_types, model.latent_dim, bool(model.info.cluster_centers)
     )
@@ -101,61 +207,230 @@ def score_partition(
     }
     schema = schema.with_metadata({k: v.encode() for k, v in metadata.items()})
     columns = ["_row_id", *keys, *[c for c in needed if c not in keys]]
+    return ScoreLayout(schema, columns, keys, model_name, model_version)
 
-    rows = anomalies = 0
-    err_sum = 0.0
-    top: list[tuple[float, int]] = []
-    errors_hist: list[np.ndarray] = []
-    with StagedPartition(data_dir, "latent", dataset, run_date) as part:
-        target = part.file("part-00000.parquet")
-        with pq.ParquetWriter(target, schema, compression="zstd") as writer:
-            for batch in _batches(Path(ingested_dir), columns, batch_rows):
-                n = batch.num_rows
-                if n == 0:
-                    continue
-                latent, err, flag = model.score(batch)
-                arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
-                arrays += [batch.column(k) for k in keys]
-                arrays += [pa.array(latent[:, i]) for i in range(latent.shape[1])]
-                arrays += [pa.array(err), pa.array(flag)]
-                labels = model.clusters(latent)
-                if labels is not None:
-                    arrays.append(pa.array(labels))
-                arrays += [
-                    pa.array(np.full(n, model_name, dtype=object), pa.string()),
-                    pa.array(np.full(n, model_version, dtype=np.int32)),
-                ]
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
-                checkpoint("score")
-                rows += n
-                anomalies += int(flag.sum())
-                err_sum += float(err.sum(dtype=np.float64))
-                _keep_top(top, err, batch.column("_row_id").to_numpy())
-                # A thinned copy keeps the p99 estimate's memory bounded.
-                errors_hist.append(err[:: max(1, n // 4096)])
-        part.commit()
-    all_err = np.concatenate(errors_hist) if errors_hist else np.zeros(1)
-    return ScoreResult(
-        output_dir=str(part.final),
-        rows_scored=rows,
-        anomalies=anomalies,
-        recon_error_mean=err_sum / max(rows, 1),
-        recon_error_p99=float(np.quantile(all_err, 0.99)),
-        top_anomalies=[
-            {"_row_id": int(r), "recon_error": float(e)}
-            for e, r in sorted(top, reverse=True)
-        ],
+
+def plan_scoring(
+    ingested_dir: Path,
+    bundle_dir: Path,
+    dataset: str,
+    run_date: date,
+    *,
+    model_name: str,
+    model_version: int,
+    mlflow_run_id: str,
+    config_hash: str,
+    unit_rows: int,
+    device: str = "cpu",
+) -> ScorePlan:
+    """The layout and the work units of a partitioned scoring run.
+
+    Units hold about ``unit_rows`` rows, fewer for a small partition
+    (:func:`tasks.partitions.unit_size`); row groups are never split.
+    """
+    layout = prepare_scoring(
+        ingested_dir,
+        bundle_dir,
+        dataset,
+        run_date,
+        model_name=model_name,
+        model_version=model_version,
+        mlflow_run_id=mlflow_run_id,
+        config_hash=config_hash,
+        device=device,
     )
+    files = partition_files(ingested_dir)
+    total = sum(pq.read_metadata(f).num_rows for f in files)
+    return ScorePlan(layout, plan_units(files, unit_size(total, unit_rows)))
+
+
+# --------------------------------------------------------------------- scoring
 
 
 def _batches(
-    ingested_dir: Path, columns: list[str], batch_rows: int
+    unit: WorkUnit, columns: list[str], batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches, one row group at a time: Dataset.to_batches decodes ahead
-    of the consumer without bound, which made peak memory grow with the file."""
-    for f in sorted(ingested_dir.glob("*.parquet")):
-        with pq.ParquetFile(f) as pf:
-            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+    """The unit's record batches, one row group at a time.
+
+    Each row group is read on its own: ``Dataset.to_batches`` decodes ahead of
+    the consumer without bound (peak memory grew with the file), and a batch
+    that spanned two row groups would be cut differently when the row groups
+    are scored by different units, changing float results in the last digit.
+    """
+    for piece in unit.pieces:
+        with pq.ParquetFile(piece.file) as pf:
+            for rg in range(piece.start, piece.stop):
+                yield from pf.iter_batches(
+                    batch_size=batch_rows, row_groups=[rg], columns=columns
+                )
+
+
+def score_unit(
+    unit: WorkUnit,
+    layout: ScoreLayout,
+    bundle_dir: Path,
+    out_dir: Path,
+    *,
+    batch_rows: int = 65536,
+    device: str = "cpu",
+) -> UnitResult:
+    """Score one unit into ``out_dir/part-<index>.parquet``, written atomically.
+
+    Parameters
+    ----------
+    unit
+        The row groups to score.
+    layout
+        Output schema and input columns (from :func:`prepare_scoring`).
+    bundle_dir
+        The model bundle, on storage this process can read; loaded once per
+        process (:func:`load_model`).
+    out_dir
+        The staged partition's directory.
+    batch_rows
+        Most rows per batch (and per output row group).
+
+    Returns
+    -------
+    UnitResult
+        Counts, the error sum, the unit's top anomalies and a thinned sample
+        of its errors (for the p99), small enough to return to the flow.
+    """
+    t0 = time.perf_counter()
+    model = load_model(bundle_dir, device=device)
+    schema, keys = layout.schema, layout.keys
+    rows = anomalies = 0
+    err_sum = 0.0
+    top: list[tuple[float, int]] = []
+    sample: list[np.ndarray] = []
+    target = Path(out_dir) / unit.output_name
+    with (
+        atomic_path(target) as tmp,
+        pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+    ):
+        for batch in _batches(unit, layout.columns, batch_rows):
+            n = batch.num_rows
+            if n == 0:
+                continue
+            latent, err, flag = model.score(batch)
+            arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
+            arrays += [batch.column(k) for k in keys]
+            arrays += [pa.array(latent[:, i]) for i in range(latent.shape[1])]
+            arrays += [pa.array(err), pa.array(flag)]
+            labels = model.clusters(latent)
+            if labels is not None:
+                arrays.append(pa.array(labels))
+            arrays += [
+                pa.array(np.full(n, layout.model_name, dtype=object), pa.string()),
+                pa.array(np.full(n, layout.model_version, dtype=np.int32)),
+            ]
+            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+            checkpoint("score")
+            rows += n
+            anomalies += int(flag.sum())
+            err_sum += float(err.sum(dtype=np.float64))
+            _keep_top(top, err, batch.column("_row_id").to_numpy())
+            # A thinned copy keeps the p99 estimate's memory bounded.
+            sample.append(err[:: max(1, n // _ERROR_SAMPLE)])
+    if rows != unit.rows:
+        raise RuntimeError(f"unit {unit.index}: read {rows} rows, planned {unit.rows}")
+    return UnitResult(
+        index=unit.index,
+        file=unit.output_name,
+        rows=rows,
+        anomalies=anomalies,
+        error_sum=err_sum,
+        top=top,
+        error_sample=(
+            np.concatenate(sample) if sample else np.zeros(0, dtype=np.float32)
+        ),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def merge_results(output_dir: Path, results: Sequence[UnitResult]) -> ScoreResult:
+    """Combine the units' results into the run's :class:`ScoreResult`."""
+    rows = sum(r.rows for r in results)
+    samples = [r.error_sample for r in results if len(r.error_sample)]
+    all_err = np.concatenate(samples) if samples else np.zeros(1)
+    top = heapq.nlargest(TOP_K, (t for r in results for t in r.top))
+    return ScoreResult(
+        output_dir=str(output_dir),
+        rows_scored=rows,
+        anomalies=sum(r.anomalies for r in results),
+        recon_error_mean=sum(r.error_sum for r in results) / max(rows, 1),
+        recon_error_p99=float(np.quantile(all_err, 0.99)),
+        top_anomalies=[{"_row_id": int(r), "recon_error": float(e)} for e, r in top],
+        units=len(results),
+        compute_seconds=sum(r.seconds for r in results),
+    )
+
+
+def commit_scores(
+    staged: StagedPartition, units: Sequence[WorkUnit], results: Sequence[UnitResult]
+) -> ScoreResult:
+    """Check every unit's file, then swap the staged partition in whole.
+
+    Each unit has exactly one file, named by its index, holding exactly its
+    planned rows; anything else in the staged directory (a killed attempt's
+    temporary file) is removed first. So the committed partition has every
+    ingested row exactly once, or the partition is not replaced at all.
+    """
+    by_index = {r.index: r for r in results}
+    if sorted(by_index) != [u.index for u in units]:
+        raise RuntimeError(
+            f"scoring results for units {sorted(by_index)}, planned {len(units)}"
+        )
+    keep_only(staged, [u.output_name for u in units])
+    for u in units:
+        path = staged.file(u.output_name)
+        written = pq.read_metadata(path).num_rows if path.is_file() else None
+        if written != u.rows or by_index[u.index].rows != u.rows:
+            raise RuntimeError(
+                f"{path}: {written} rows written, {u.rows} planned for unit {u.index}"
+            )
+    final = staged.commit()
+    return merge_results(final, [by_index[u.index] for u in units])
+
+
+def score_partition(
+    ingested_dir: Path,
+    bundle_dir: Path,
+    data_dir: Path,
+    dataset: str,
+    run_date: date,
+    *,
+    model_name: str,
+    model_version: int,
+    mlflow_run_id: str,
+    config_hash: str,
+    batch_rows: int = 65536,
+    device: str = "cpu",
+) -> ScoreResult:
+    """Score every ingested row and commit ``latent/<dataset>/run_date=...``.
+
+    The single-machine path: one unit, one output file, in this process.
+    """
+    layout = prepare_scoring(
+        ingested_dir,
+        bundle_dir,
+        dataset,
+        run_date,
+        model_name=model_name,
+        model_version=model_version,
+        mlflow_run_id=mlflow_run_id,
+        config_hash=config_hash,
+        device=device,
+    )
+    units = single_unit(partition_files(ingested_dir))
+    with StagedPartition(data_dir, "latent", dataset, run_date) as part:
+        results = [
+            score_unit(
+                u, layout, bundle_dir, part.path, batch_rows=batch_rows, device=device
+            )
+            for u in units
+        ]
+        return commit_scores(part, units, results)
 
 
 def _keep_top(top: list[tuple[float, int]], err: np.ndarray, ids: np.ndarray) -> None:
@@ -181,3 +456,10 @@ def read_metadata(partition: Path) -> dict[str, str]:
 
 
 score_task = task(score_partition, name="score", **IO)
+plan_score_task = task(plan_scoring, name="plan-score", **PLAIN)
+# Each unit overwrites only its own file, so a retry (or Dask running a unit
+# again after its worker died) is safe.
+score_unit_task = task(
+    score_unit, name="score-unit", task_run_name="score-unit-{unit.index}", **IO
+)
+commit_scores_task = task(commit_scores, name="commit-scores", **PLAIN)

@@ -722,3 +722,82 @@ def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
         ingest(src, tmp_path, "ds", RUN, max_reject_fraction=2)
     with pytest.raises(ConfigError, match="more than one role"):
         ingest(src, tmp_path, "ds", RUN, keys=["Date"], features=["Date"])
+
+
+# ------------------------------------------------------------ threaded pipeline
+
+
+def _force_serial(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read every CSV with pyarrow's serial reader, as before threads."""
+    init = ingest_mod._CsvSource.__init__
+
+    def serial_init(self, path, fh, block_size, hints) -> None:
+        init(self, path, fh, block_size, ingest_mod.replace(hints, serial=True))
+
+    monkeypatch.setattr(ingest_mod._CsvSource, "__init__", serial_init)
+
+
+def _attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the ingestion attempts (a restart is a new ``_Ingestion``)."""
+    calls: list[int] = []
+    init = ingest_mod._Ingestion.__init__
+
+    def counted(self, **kw) -> None:
+        calls.append(1)
+        init(self, **kw)
+
+    monkeypatch.setattr(ingest_mod._Ingestion, "__init__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("block_size", [64, 4096, 1 << 20])
+@pytest.mark.parametrize("keys", [["Date", "Location"], []])
+def test_threaded_pipeline_matches_a_serial_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_size: int, keys: list
+) -> None:
+    # Junk cells, rule violations and duplicate keys spread over many blocks:
+    # every stage's output must come out in block order.
+    lines = rows(400).splitlines(keepends=True)
+    lines[37] = lines[37].replace("Albury", "Albury ").replace(".5,", ".5x,", 1)
+    lines[120] = lines[5]  # duplicate key
+    lines[250] = lines[250].replace(",No\n", ",Maybe\n")
+    text = HEADER + "".join(lines)
+    src = put(tmp_path / "t.csv", text)
+    kw = {
+        "block_size": block_size,
+        "keys": keys,
+        "rules": ["MinTemp <= MaxTemp", "RainToday in {No, Yes}"],
+    }
+    attempts = _attempts(monkeypatch)
+    threaded = ingest(src, tmp_path / "a", "ds", RUN, **kw)
+    assert len(attempts) == 1  # a clean-shaped file is read once
+    _force_serial(monkeypatch)
+    serial = ingest(src, tmp_path / "b", "ds", RUN, **kw)
+    # Without keys the copied row is kept, with a salted id.
+    assert threaded.rows_rejected == serial.rows_rejected == (3 if keys else 2)
+    assert threaded.reject_reasons == serial.reject_reasons
+    assert part(threaded).equals(part(serial), check_metadata=True)
+    assert part(threaded, "rejected").equals(part(serial, "rejected"))
+
+
+def test_wrong_field_count_restarts_the_file_serially_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = HEADER + rows(300) + "2021-01-01,X,1\n" + rows(300, 300)
+    attempts = _attempts(monkeypatch)
+    res = run(put(tmp_path / "r.csv", text), tmp_path, block_size=1024)
+    assert len(attempts) == 2
+    assert res.rows_rejected == 1 and res.rows_accepted == 600
+    assert part(res, "rejected").column("_row_number").to_pylist() == [302]
+
+
+def test_write_error_in_the_writer_thread_fails_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self, batch) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", disk_full)
+    with pytest.raises(LatentflowError, match="No space left on device"):
+        run(put(tmp_path / "g.csv", HEADER + rows(200)), tmp_path)
+    assert not (tmp_path / "data" / "ingested").exists()

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tasks.ingest as ingest_mod
 from tasks.errors import LatentflowError
 from tasks.ingest import ingest
 
@@ -182,3 +183,53 @@ def test_row_ids_do_not_depend_on_order_or_blocks(
             )
         assert ids[0] == ids[1]
         assert len(set(ids[0].values())) == n
+
+
+def _outcome(src: Path, out: Path, **kw: object) -> tuple:
+    """What ingest did: the error, or every output table and count."""
+    try:
+        res = ingest(src, out, "ds", RUN, **kw)  # type: ignore[arg-type]
+    except LatentflowError as exc:
+        return (type(exc).__name__, str(exc))
+    tables = [
+        pq.read_table(Path(d) / "part-00000.parquet")
+        for d in (res.ingested_dir, res.rejected_dir)
+    ]
+    facts = {k: v for k, v in res.to_dict().items() if not k.endswith("_dir")}
+    return (facts, *tables)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(file=csv_bytes(), block_size=st.integers(1, 400))
+def test_threaded_read_gives_what_the_serial_read_gives(
+    file: tuple[bytes, str], block_size: int
+) -> None:
+    """Reading with pyarrow's threads (and restarting serially on a parse error)
+    is invisible: same tables, counts, warnings and error messages."""
+    data, suffix = file
+    init = ingest_mod._CsvSource.__init__
+
+    def serial_init(self, path, fh, size, hints) -> None:  # type: ignore[no-untyped-def]
+        init(self, path, fh, size, ingest_mod.replace(hints, serial=True))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"in{suffix}"
+        src.write_bytes(data)
+        kw = {"block_size": block_size, "max_reject_fraction": 1.0}
+        threaded = _outcome(src, Path(tmp) / "a", **kw)
+        ingest_mod._CsvSource.__init__ = serial_init  # type: ignore[method-assign]
+        try:
+            serial = _outcome(src, Path(tmp) / "b", **kw)
+        finally:
+            ingest_mod._CsvSource.__init__ = init  # type: ignore[method-assign]
+    if isinstance(threaded[0], str) or isinstance(serial[0], str):
+        assert threaded == serial  # the same error, word for word
+        return
+    assert threaded[0] == serial[0]
+    for a, b in zip(threaded[1:], serial[1:], strict=True):
+        assert a.equals(b, check_metadata=False)

@@ -1,9 +1,13 @@
+import itertools
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from models.preprocessing import UNKNOWN, TabularPreprocessor
+from models.preprocessing import UNKNOWN, PreprocessorStats, TabularPreprocessor
 
 
 @pytest.fixture
@@ -99,3 +103,206 @@ def test_source_errors_sum_per_input(frame):
     np.testing.assert_array_equal(
         per[0], [2, 1, 4]
     )  # a + a__missing; 3 cities + unknown
+
+
+# --------------------------------------------------------------- streaming fit
+#
+# The reference below is the in-memory fit as it was before the streaming one
+# (np.median, mean and std of the median-imputed column, value counts), written
+# out independently so the streaming code is checked against plain numpy.
+
+
+def _reference(table: pa.Table, numeric, categorical, max_categories=64) -> dict:
+    out: dict = {"medians": [], "means": [], "scales": [], "has_missing": []}
+    for name in numeric:
+        x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        miss = ~np.isfinite(x)
+        med = float(np.median(x[~miss])) if (~miss).any() else 0.0
+        filled = np.where(miss, med, x)
+        # Shifted by one of its values: np.std of three copies of 3.7e11 is
+        # ulp noise (6e-5), not 0, because their mean rounds.
+        std = float((filled - filled[0]).std())
+        out["medians"].append(med)
+        out["means"].append(float(filled.mean()))
+        out["scales"].append(std if std > 1e-12 else 1.0)
+        out["has_missing"].append(bool(miss.any()))
+    out["categories"] = {}
+    for name in categorical:
+        values = [
+            "__missing__" if v is None else v.strip()
+            for v in table.column(name).to_pylist()
+        ]
+        counts: dict[str, int] = {}
+        for v in values:
+            counts[v] = counts.get(v, 0) + 1
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        out["categories"][name] = [v for v, _ in ranked[:max_categories]]
+    return out
+
+
+def _assert_matches(pre: TabularPreprocessor, ref: dict) -> None:
+    # Medians, flags and categories exactly; moments to a few ulps (the sums
+    # run in a different order).
+    np.testing.assert_array_equal(pre.medians_, ref["medians"])
+    np.testing.assert_array_equal(pre.has_missing_, ref["has_missing"])
+    assert pre.categories_ == ref["categories"]
+    np.testing.assert_allclose(pre.means_, ref["means"], rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(pre.scales_, ref["scales"], rtol=1e-12)
+
+
+NUMS = ["grid", "const", "empty", "offset", "wide"]
+CATS = ["city", "rare"]
+
+
+def _cell(values):
+    # None is an Arrow null, nan a float NaN: both must count as missing.
+    return st.one_of(st.none(), st.just(float("nan")), values)
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> pa.Table:
+    n = draw(st.integers(1, 60))
+    grid = st.integers(-12, 12).map(lambda v: v / 4) | st.just(-0.0)
+    cols = {
+        "grid": draw(st.lists(_cell(grid), min_size=n, max_size=n)),
+        "const": draw(st.lists(_cell(st.just(3.0)), min_size=n, max_size=n)),
+        "empty": draw(
+            st.lists(st.sampled_from([None, np.nan]), min_size=n, max_size=n)
+        ),
+        # A large offset: naive sum-of-squares variance would cancel badly.
+        "offset": draw(
+            st.lists(_cell(grid.map(lambda v: 1e9 + v)), min_size=n, max_size=n)
+        ),
+        "wide": draw(
+            st.lists(
+                _cell(st.floats(-1e12, 1e12, allow_nan=False, allow_infinity=False)),
+                min_size=n,
+                max_size=n,
+            )
+        ),
+    }
+    arrays = {k: pa.array(v, pa.float64(), from_pandas=False) for k, v in cols.items()}
+    for name, choices in (("city", ["x", " y", "y ", "z", "w"]), ("rare", ["a", "b"])):
+        cells = st.one_of(st.none(), st.sampled_from(choices))
+        arrays[name] = pa.array(draw(st.lists(cells, min_size=n, max_size=n)))
+    return pa.table(arrays)
+
+
+@st.composite
+def splits(draw: st.DrawFn, n: int) -> list[tuple[int, int]]:
+    """Batch boundaries with empty and single-row batches likely."""
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=8)))
+    bounds = [0, *cuts, n]
+    return list(itertools.pairwise(bounds))
+
+
+def _piece(t: pa.Table, kind: str) -> pa.Table | pa.RecordBatch:
+    if kind == "batch":  # one RecordBatch, even for 0 rows
+        cols = [c.combine_chunks() for c in t.columns]
+        return pa.RecordBatch.from_arrays(cols, schema=t.schema)
+    return t
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), table=tables(), kind=st.sampled_from(["table", "batch"]))
+def test_streaming_fit_equals_in_memory_for_any_split(data, table, kind) -> None:
+    parts = [
+        _piece(table.slice(a, b - a), kind) for a, b in data.draw(splits(len(table)))
+    ]
+    ref = _reference(table, NUMS, CATS, max_categories=3)
+    streamed = TabularPreprocessor(NUMS, CATS, max_categories=3).fit_batches(parts)
+    _assert_matches(streamed, ref)
+    whole = TabularPreprocessor(NUMS, CATS, max_categories=3).fit(table)
+    _assert_matches(whole, ref)
+    # Merging accumulators of two halves is the same as one pass.
+    k = len(parts) // 2
+    left, right = (PreprocessorStats(NUMS, CATS) for _ in range(2))
+    for p in parts[:k]:
+        left.update(p)
+    for p in parts[k:]:
+        right.update(p)
+    merged = TabularPreprocessor(NUMS, CATS, max_categories=3).fit_stats(
+        left.merge(right), lambda _cols: parts
+    )
+    _assert_matches(merged, ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(table=tables())
+def test_pandas_batches_match_arrow(table) -> None:
+    frames = [table.slice(i, 7).to_pandas() for i in range(0, table.num_rows, 7)]
+    pre = TabularPreprocessor(NUMS, CATS).fit_batches(frames)
+    _assert_matches(pre, _reference(table, NUMS, CATS))
+
+
+def test_median_needs_every_digit_and_stops_early_when_it_can() -> None:
+    # Values 1 ulp apart share their top 48 bits: the radix select needs all
+    # four 16-bit digits (three passes after the first).
+    base = np.nextafter(1.0, 2.0, dtype=np.float64)
+    x = np.array([base + k * np.finfo(float).eps for k in range(1000)])
+    x = np.concatenate([x, -x[:10], [np.nan] * 5])
+    rng = np.random.default_rng(0)
+    rng.shuffle(x)
+    table = pa.table({"x": x})
+    calls: list[list[str]] = []
+
+    def reopen(cols):
+        calls.append(list(cols))
+        return [table.slice(i, 64) for i in range(0, len(table), 64)]
+
+    stats = PreprocessorStats(["x"], [])
+    for b in reopen(["x"]):
+        stats.update(b)
+    calls.clear()
+    pre = TabularPreprocessor(["x"], []).fit_stats(stats, reopen)
+    assert pre.medians_[0] == np.median(x[~np.isnan(x)])
+    assert calls == [["x"]] * 3
+    # A column whose middle bin holds one distinct value needs no extra pass:
+    # Rainfall-like data, median 0.0 among many zeros.
+    y = np.concatenate([np.zeros(600), rng.exponential(5, 400)])
+    stats = PreprocessorStats(["y"], [])
+    stats.update(pa.table({"y": y}))
+    calls.clear()
+    pre = TabularPreprocessor(["y"], []).fit_stats(stats, reopen)
+    assert pre.medians_[0] == 0.0 and calls == []
+
+
+def test_fit_batches_accepts_a_callable_and_rejects_changed_rows() -> None:
+    rng = np.random.default_rng(1)
+    table = pa.table({"x": rng.normal(0, 1, 500), "c": rng.choice(["p", "q"], 500)})
+
+    def batches():
+        yield from table.to_batches(max_chunksize=50)
+
+    pre = TabularPreprocessor(["x"], ["c"]).fit_batches(batches)
+    _assert_matches(pre, _reference(table, ["x"], ["c"]))
+    # Values 1 ulp apart need extra passes; a reopen() that streams other rows
+    # is caught, not turned into a wrong median.
+    close = pa.table({"x": 1.0 + np.arange(101) * np.finfo(float).eps})
+    stats = PreprocessorStats(["x"], [])
+    stats.update(close)
+    with pytest.raises(ValueError, match="changed between passes"):
+        TabularPreprocessor(["x"], []).fit_stats(stats, lambda _c: [close.slice(1)])
+    with pytest.raises(ValueError, match="0 rows"):
+        TabularPreprocessor(["x"], []).fit_batches([table.slice(0, 0)])
+    with pytest.raises(ValueError, match="lacks 1 column"):
+        TabularPreprocessor(["x", "nope"], []).fit_batches([table])
+
+
+def test_saved_format_unchanged(frame, tmp_path) -> None:
+    pre = TabularPreprocessor(["a", "b", "const"], ["city", "dir"]).fit(frame)
+    d = pre.to_dict()
+    assert set(d) == {
+        "format",
+        "numeric",
+        "categorical",
+        "max_categories",
+        "medians",
+        "means",
+        "scales",
+        "has_missing",
+        "categories",
+    }
+    assert d["format"] == 1 and isinstance(d["has_missing"][0], bool)
+    again = TabularPreprocessor.from_dict(d)
+    np.testing.assert_array_equal(again.transform(frame), pre.transform(frame))

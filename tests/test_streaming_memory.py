@@ -318,12 +318,6 @@ def test_ingest_peak_memory_does_not_grow_with_rows(
     assert control > 10 * ARROW_BUDGET, f"control measures {control:.1f} B/row"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect, partly fixed: scoring now reads one row group at a time"
-    " (per extra row 190 B -> ~30 B of Arrow memory here), still above the budget;"
-    " what remains grows with the rows. Remove this marker with the full fix.",
-)
 def test_score_peak_memory_does_not_grow_with_rows(
     work: Path, sized: dict[Any, Any], bundle: Path
 ) -> None:

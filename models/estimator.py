@@ -45,9 +45,10 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "estimator.json"
 
-# Rows per forward pass at inference: large enough to amortise per-call overhead
-# on millions of rows, small enough that activations stay well under 1 GB.
-INFERENCE_BATCH = 65536
+# Rows per forward pass at inference: large enough to amortise per-call
+# overhead, small enough that a layer's activations (8192 x 128 floats, 4 MiB)
+# stay in cache; 65,536 rows ran at half the speed on a 2-core machine.
+INFERENCE_BATCH = 8192
 
 # A validation split smaller than this gives a loss too noisy to stop on, so
 # training then monitors the training loss instead.
@@ -542,11 +543,11 @@ default="relu"
             for start in range(0, n, INFERENCE_BATCH):
                 stop = min(start + INFERENCE_BATCH, n)
                 batch = _rows_tensor(X32[start:stop], device)
-                code = network.encode(batch)
+                code = network.infer_encode(batch)
                 if codes is not None:
                     codes[start:stop] = code.cpu().numpy()
                 if errors is not None:
-                    sq = (network.decode(code) - batch).square_()
+                    sq = network.infer_decode(code).sub_(batch).square_()
                     errors[start:stop] = sq.mean(dim=1).cpu().numpy()
         return codes, errors
 
@@ -606,7 +607,7 @@ default="relu"
             for start in range(0, Z32.shape[0], INFERENCE_BATCH):
                 stop = min(start + INFERENCE_BATCH, Z32.shape[0])
                 z = _rows_tensor(Z32[start:stop], device)
-                out[start:stop] = self.network_.decode(z).cpu().numpy()
+                out[start:stop] = self.network_.infer_decode(z).cpu().numpy()
         return out
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
@@ -705,7 +706,9 @@ default="relu"
             for start in range(0, X32.shape[0], INFERENCE_BATCH):
                 stop = min(start + INFERENCE_BATCH, X32.shape[0])
                 batch = _rows_tensor(X32[start:stop], device)
-                out[start:stop] = (self.network_(batch) - batch).square_().cpu().numpy()
+                net = self.network_
+                recon = net.infer_decode(net.infer_encode(batch))
+                out[start:stop] = recon.sub_(batch).square_().cpu().numpy()
         errors = out.astype(X.dtype, copy=False)
         if hasattr(self, "feature_names_in_"):
             return pd.DataFrame(

@@ -265,6 +265,19 @@ def _batches(
                 )
 
 
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary-encoding: keys and the constant model columns.
+
+    Latents and errors are distinct floats: trying a dictionary on them first
+    made writing 2.5x slower and the files 30% larger.
+    """
+    return [
+        f.name
+        for f in schema
+        if f.name != "_row_id" and not pa.types.is_floating(f.type)
+    ]
+
+
 def score_unit(
     unit: WorkUnit,
     layout: ScoreLayout,
@@ -306,7 +319,9 @@ def score_unit(
     target = Path(out_dir) / unit.output_name
     with (
         atomic_path(target) as tmp,
-        pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+        pq.ParquetWriter(
+            tmp, schema, compression="zstd", use_dictionary=_dictionary_columns(schema)
+        ) as writer,
     ):
         for batch in _batches(unit, layout.columns, batch_rows):
             n = batch.num_rows

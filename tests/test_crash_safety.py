@@ -138,8 +138,8 @@ def test_sigkill_leaves_previous_outputs_intact(first_run, stage):
     champ = champion_version(data)
     # --retrain so the run passes through training and the registry on its way.
     p = start(csv, data, "--run-date", DATE, "--retrain", LATENTFLOW_CRASH_AT=stage)
-    rc, out, _ = finish(p)
-    assert rc == -signal.SIGKILL, f"the run did not reach {stage}"
+    rc, out, err = finish(p)
+    assert rc == -signal.SIGKILL, f"the run did not reach {stage}: {err[-3000:]}"
     assert out == ""
     assert snapshot(data) == before
     assert_clean_outputs(data)

@@ -177,6 +177,7 @@ def bench_dask_scaling(
     from distributed import Client, LocalCluster
 
     from benchmarks.perf import DATASET, RUN_DATE
+    from flows.runners import worker_environment
     from tasks.partitions import DEFAULT_UNIT_ROWS, partition_files, unit_size
     from tasks.score import score_partition
 
@@ -196,6 +197,7 @@ def bench_dask_scaling(
     }
     for workers in (1, 2):
         with (
+            worker_environment(),
             LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,

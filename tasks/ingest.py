@@ -71,7 +71,7 @@ import threading
 import weakref
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date
@@ -86,6 +86,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import task
 
+from models.cells import CellProblem, cell_problems, parse_cells
 from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
 from tasks.policy import IO
 from tasks.storage import StagedPartition, validate_dataset_name
@@ -100,10 +101,7 @@ from tasks.validate import (
     hash_text,
     numeric_share,
     occurrence_hash,
-    parse_date,
-    parse_numeric,
     parse_rule,
-    parse_text,
 )
 
 __all__ = [
@@ -986,11 +984,9 @@ class _WriteBehind:
             raise self._error
 
 
-@dataclass
-class _Problem:
-    mask: np.ndarray
-    category: str
-    describe: Callable[[np.ndarray], list[str]]
+# Cell problems come from models.cells (shared with serving); rules and
+# duplicate keys use the same shape.
+_Problem = CellProblem
 
 
 # ----------------------------------------------------------------------- ingestion
@@ -1826,51 +1822,12 @@ def _parse_column(
     Pure (no shared state), so blocks' columns parse in the worker threads:
     Arrow and numpy release the GIL for the heavy parts.
     """
-    if spec.kind == "numeric":
-        p = parse_numeric(raw, decimal_comma)
-    elif spec.kind == "date":
-        p = parse_date(raw)
-    else:
-        p = parse_text(raw)
+    p = parse_cells(spec.kind, raw, decimal_comma)
     return p, hash_text(p.text) if hashed else None
 
 
 def _cell_problems(spec: ColumnSpec, p: Parsed) -> list[_Problem]:
-    name = spec.name
-    out = []
-
-    def texts(idx: np.ndarray) -> list[Any]:
-        return p.text.take(pa.array(idx)).to_pylist()
-
-    if p.bad is not None:
-        what = "a number" if spec.kind == "numeric" else "a date (YYYY-MM-DD)"
-        out.append(
-            _Problem(
-                p.bad,
-                f"{name}: not {what}",
-                lambda idx: [f"{name}: {t!r} is not {what}" for t in texts(idx)],
-            )
-        )
-    if p.nonfinite is not None:
-        out.append(
-            _Problem(
-                p.nonfinite,
-                f"{name}: not a finite number",
-                lambda idx: [
-                    f"{name}: {t!r} is not a finite number" for t in texts(idx)
-                ],
-            )
-        )
-    if spec.role == "key" and p.text.null_count:
-        missing = ~np.asarray(p.text.is_valid().to_numpy(zero_copy_only=False), bool)
-        out.append(
-            _Problem(
-                missing,
-                f"{name}: key is missing",
-                lambda idx: [f"{name}: key is missing"] * len(idx),
-            )
-        )
-    return out
+    return cell_problems(spec.name, spec.kind, spec.role, p)
 
 
 def _rule_problem(

@@ -3,5 +3,6 @@ estimator, the preprocessor and the saved bundle. Imports nothing from flows/ or
 tasks/."""
 
 from models.estimator import AutoencoderReducer
+from models.serving import load_model
 
-__all__ = ["AutoencoderReducer"]
+__all__ = ["AutoencoderReducer", "load_model"]

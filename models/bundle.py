@@ -1,8 +1,10 @@
 """One saved model: the preprocessor and the autoencoder together.
 
-A bundle directory holds ``bundle.json`` (input schema, training facts, optional
-cluster centres), ``preprocessor.json`` and ``estimator/`` (state_dict plus
-JSON). Nothing in it is a pickle, so loading a model cannot run code.
+A bundle directory holds ``bundle.json`` (input schema, training facts, drift
+reference, optional cluster centres), ``preprocessor.json``, ``estimator/``
+(state_dict plus JSON) and ``manifest.json``: the SHA-256 of every other file,
+checked before anything is parsed. Nothing in it is a pickle, so loading a model
+cannot run code.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models.cells import as_text, cell_problems, parse_cells
 from models.estimator import AutoencoderReducer
+from models.integrity import check_manifest, write_manifest
 from models.preprocessing import TableLike, TabularPreprocessor
 
 BUNDLE_FORMAT = 1
@@ -66,6 +70,8 @@ class LatentModel:
         self.preprocessor = preprocessor
         self.estimator = estimator
         self.info = info
+        #: Digest of the manifest the model was loaded and verified with.
+        self.manifest_sha256: str | None = None
 
     @property
     def latent_dim(self) -> int:
@@ -119,6 +125,81 @@ class LatentModel:
             out["cluster"] = labels
         return out
 
+    def predict_raw(self, data: pd.DataFrame) -> pd.DataFrame:
+        """Score raw rows exactly as batch ingest + scoring would (the pyfunc).
+
+        Cells go through the ingest's parsing (:mod:`models.cells`): null
+        markers such as ``"NA"`` are missing values, junk such as ``"abc"`` in a
+        numeric column is an error, never imputed. A row the batch path would
+        reject gets null outputs and its reason in ``error`` (the same wording
+        as ``_reject_reason``); good rows get ``error`` null. Every column of
+        the model's input schema present in ``data`` is checked (keys, label
+        and excluded columns too, as ingest does); only features are required.
+
+        Returns a frame with ``latent_*``, ``recon_error`` (Float32),
+        ``is_anomaly`` (boolean), ``cluster`` (Int32, with clusters) and
+        ``error`` (object), nullable, in ``data``'s index.
+        """
+        self.preprocessor.check_columns(data)
+        n = len(data)
+        inputs = set(self.preprocessor.input_columns)
+        specs = {
+            c["name"]: (c.get("kind", "text"), c.get("role", "feature"))
+            for c in self.info.input_schema.get("columns", [])
+        }
+        for name in self.preprocessor.numeric:
+            specs.setdefault(name, ("numeric", "feature"))
+        for name in self.preprocessor.categorical:
+            specs.setdefault(name, ("categorical", "feature"))
+        typed: dict[str, pa.Array] = {}
+        reasons: list[list[str]] = [[] for _ in range(n)]
+        bad = np.zeros(n, bool)
+        # Schema order is the file's column order: reasons come out in the
+        # order ingest writes them.
+        for name, (kind, role) in specs.items():
+            if name not in data.columns:
+                continue
+            parsed = parse_cells(kind, as_text(data[name]))
+            if name in inputs:
+                typed[name] = parsed.values
+            for problem in cell_problems(name, kind, role, parsed):
+                idx = np.flatnonzero(problem.mask)
+                for i, text in zip(idx.tolist(), problem.describe(idx), strict=True):
+                    reasons[i].append(text)
+                bad |= problem.mask
+        good = np.flatnonzero(~bad)
+        latent = np.full((n, self.latent_dim), np.nan, np.float32)
+        err = np.full(n, np.nan, np.float32)
+        flag = np.zeros(n, bool)
+        labels = None
+        if len(good):
+            table = pa.table({c: typed[c] for c in self.preprocessor.input_columns})
+            lat, e, f = self.score(table.take(pa.array(good)))
+            latent[good], err[good], flag[good] = lat, e, f
+            found = self.clusters(lat)
+            if found is not None:
+                labels = np.zeros(n, np.int32)
+                labels[good] = found
+        index = data.index
+        out = pd.DataFrame(
+            {
+                name: pd.array(np.where(bad, np.nan, latent[:, i]), dtype="Float32")
+                for i, name in enumerate(self.latent_names)
+            },
+            index=index,
+        )
+        out["recon_error"] = pd.array(np.where(bad, np.nan, err), dtype="Float32")
+        out["is_anomaly"] = pd.array(
+            np.where(bad, None, flag).astype(object), dtype="boolean"
+        )
+        if self.info.cluster_centers:
+            cl = np.zeros(n, np.int32) if labels is None else labels
+            out["cluster"] = pd.array(np.where(bad, None, cl).astype(object), "Int32")
+        out["error"] = pd.Series(
+            ["; ".join(r) if r else None for r in reasons], index=index, dtype=object
+        )
+        return out
+
     # -- persistence ----------------------------------------------------------
     def save(self, path: Path) -> Path:
         path = Path(path)
@@ -129,12 +210,27 @@ class LatentModel:
         tmp = path / ".bundle.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
         os.replace(tmp, path / "bundle.json")
+        # Last: the manifest covers every file written above, JSON included.
+        write_manifest(path)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu") -> LatentModel:
-        """Load a bundle; a missing or tampered file raises a one-line ValueError."""
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str = "cpu",
+        expected_sha256: str | None = None,
+    ) -> LatentModel:
+        """Load a bundle; a missing or tampered file raises a one-line ValueError.
+
+        Every file is checked against ``manifest.json`` first (a changed
+        threshold or drift reference in the JSON is refused, not used). With
+        ``expected_sha256`` (the manifest digest the registry recorded) the
+        manifest itself must match it, so rewriting it does not help. Bundles
+        saved before manifests existed load with only the weights checksum.
+        """
         path = Path(path)
+        digest = check_manifest(path, expected_sha256)
         meta_path = path / "bundle.json"
         try:
             meta = json.loads(meta_path.read_text())
@@ -155,7 +251,9 @@ class LatentModel:
                 f"{path}: the network expects {est.n_features_in_} inputs but the"
                 f" preprocessor makes {pre.n_features_out}"
             )
-        return cls(pre, est, info)
+        model = cls(pre, est, info)
+        model.manifest_sha256 = digest
+        return model
 
 
 def _json_default(obj: Any) -> Any:

@@ -34,3 +34,7 @@ class RegistryError(LatentflowError):
 
 class AlreadyRunningError(LatentflowError):
     """Another run holds the lock for this dataset and run date."""
+
+
+class TamperError(RegistryError):
+    """A model's files do not match the checksums recorded at registration."""

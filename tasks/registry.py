@@ -7,6 +7,8 @@ runs at import time: the URI is set by :func:`configure` when a run starts.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +24,24 @@ from prefect import task
 
 import models
 from models.bundle import LatentModel
+from models.integrity import (
+    IntegrityError,
+    check_manifest,
+    compare,
+    file_sha256,
+    manifest_digest,
+    tree_manifest,
+)
+from models.serving import (
+    TAG_BUNDLE,
+    TAG_DIGEST,
+    TAG_MANIFEST,
+    download_version,
+    recorded_manifest,
+    verify_model_dir,
+)
 from tasks.decide import ChampionInfo
-from tasks.errors import RegistryError
+from tasks.errors import RegistryError, TamperError
 from tasks.faults import checkpoint
 from tasks.policy import PLAIN
 
@@ -32,6 +50,7 @@ BUNDLE_ARTIFACT = "model_dir"
 PYFUNC_FILE = Path(models.__file__).with_name("pyfunc_model.py")
 MODELS_PKG = Path(models.__file__).parent
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,32 +127,68 @@ def _bundle_path(downloaded: Path) -> Path:
     return downloaded / "artifacts" / BUNDLE_ARTIFACT
 
 
-def fetch_model(name: str, version: int, cache_dir: Path) -> Path:
-    """Download a model version once into the cache and return its bundle dir."""
+def fetch_model(
+    name: str,
+    version: int,
+    cache_dir: Path,
+    manifest: dict[str, str] | None = None,
+) -> Path:
+    """Download a model version once into the cache and return its bundle dir.
+
+    With ``manifest`` (the registry's record, :func:`recorded_files`) every file
+    of the cached copy is verified on every call, a fresh download or not: the
+    cache lives in the data dir and is no more trusted than the artifact store.
+    """
     import mlflow
+    from mlflow import MlflowClient
 
     target = cache_dir / name / f"v{version}"
-    if (target / "MLmodel").is_file():
-        return _bundle_path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=target.parent))
-    try:
-        _safe(
-            f"download {name} v{version}",
-            lambda: mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp)
-            ),
-        )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "MLmodel").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=target.parent))
+        try:
+            local = _safe(
+                f"download {name} v{version}",
+                lambda: download_version(
+                    name, version, tmp, MlflowClient(), mlflow.get_tracking_uri()
+                ),
+            )
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(local, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if manifest is not None:
+        try:
+            verify_model_dir(target, manifest)
+        except IntegrityError as exc:
+            raise TamperError(
+                f"{name} v{version} failed its integrity check: {exc}; not used"
+            ) from None
     return _bundle_path(target)
 
 
+def recorded_files(name: str, version: int, tags: dict[str, str]) -> dict[str, str]:
+    """The file manifest recorded at registration; TamperError if absent or bad."""
+    try:
+        manifest = recorded_manifest(tags, f"{name} v{version}")
+    except IntegrityError as exc:
+        raise TamperError(str(exc)) from None
+    if manifest is None:
+        raise TamperError(
+            f"{name} v{version} has no recorded file manifest (tag {TAG_DIGEST}):"
+            " it was not fully registered and cannot be verified"
+        )
+    return manifest
+
+
 def find_champion(name: str, cache_dir: Path) -> ChampionInfo | None:
-    """The current champion of ``name``, downloaded and loadable, or None."""
+    """The current champion of ``name``, downloaded, verified and loadable, or None.
+
+    Every file is checked against the manifest the registry recorded when the
+    version was registered; a mismatch stops the run (TamperError) instead of
+    training around it, so a tampered champion is never silently replaced.
+    """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -146,13 +201,29 @@ def find_champion(name: str, cache_dir: Path) -> ChampionInfo | None:
     except MlflowException:
         return None
     version = int(mv.version)
-    bundle = fetch_model(name, version, cache_dir)
+    tags = dict(mv.tags or {})
+    expected: str | None = None
+    if TAG_DIGEST in tags or TAG_MANIFEST in tags:
+        bundle = fetch_model(
+            name, version, cache_dir, recorded_files(name, version, tags)
+        )
+        expected = tags.get(TAG_BUNDLE) or None
+    else:
+        # Registered before manifests were recorded: only the bundle's own
+        # checks apply. Retraining replaces it with a verifiable version.
+        _log.warning(
+            "champion %s v%s has no recorded file manifest; loaded unverified",
+            name,
+            version,
+        )
+        bundle = fetch_model(name, version, cache_dir)
     try:
-        model = LatentModel.load(bundle)
+        model = LatentModel.load(bundle, expected_sha256=expected)
     except ValueError as exc:
         # A champion that fails its checks may have been tampered with: stop and
         # say so rather than silently training around it.
-        raise RegistryError(
+        error = TamperError if isinstance(exc, IntegrityError) else RegistryError
+        raise error(
             f"champion {name} v{version} cannot be loaded: {exc}; move the"
             f" '{CHAMPION}' alias to a good version, or delete {bundle.parent.parent}"
         ) from None
@@ -190,15 +261,22 @@ def _signature_example(model: LatentModel, sample: pd.DataFrame) -> pd.DataFrame
 
 def _signature(model: LatentModel, example: pd.DataFrame) -> Any:
     """Input columns by name, any type: raw frames carry ints, floats, strings and
-    missing values, and the preprocessor coerces them itself (junk -> missing)."""
-    from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    missing values, parsed by the ingest's rules (junk -> the row's ``error``);
+    outputs nullable, since a row with an error has none."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
     inputs = Schema(
         [ColSpec(AnyType(), c, required=True) for c in model.preprocessor.input_columns]
     )
-    outputs = infer_signature(example, model.predict_frame(example)).outputs
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    del example  # the outputs are fixed by predict_raw, whatever the rows
+    floats = [*model.latent_names, "recon_error"]
+    out = [ColSpec(DataType.float, c, required=False) for c in floats]
+    out.append(ColSpec(DataType.boolean, "is_anomaly", required=False))
+    if model.info.cluster_centers:
+        out.append(ColSpec(DataType.integer, "cluster", required=False))
+    out.append(ColSpec(DataType.string, "error", required=False))
+    return ModelSignature(inputs=inputs, outputs=Schema(out))
 
 
 def log_and_register(
@@ -254,6 +332,8 @@ def log_and_register(
                 python_model=str(PYFUNC_FILE),
                 artifacts={"model_dir": str(bundle_dir)},
                 code_paths=[str(MODELS_PKG)],
+                # The verified loader overrides it with the registry's record.
+                model_config={TAG_BUNDLE: check_manifest(bundle_dir) or ""},
                 signature=signature,
                 input_example=example,
                 registered_model_name=name,
@@ -266,23 +346,85 @@ def log_and_register(
                 client.update_model_version(name, str(version), description=description)
             for k, v in tags.items():
                 client.set_model_version_tag(name, str(version), k, v)
+            _record_manifest(client, name, version, bundle_dir)
             return RegisteredVersion(name, version, run_id, mlflow.get_tracking_uri())
 
     return _safe(f"register a new version of {name}", run, attempts=2)
 
 
+def _record_manifest(client: Any, name: str, version: int, bundle_dir: Path) -> None:
+    """Record, as version tags, the SHA-256 of every file of the logged model.
+
+    The files are read back from the store and the executable and model parts
+    (``pyfunc_model.py``, ``code/``, the bundle) must be the very bytes that
+    were logged from this installation; MLflow's own files (MLmodel, the
+    environment, examples) are recorded as stored. From then on every loader
+    compares against this record, which the artifact store cannot rewrite.
+    """
+    import mlflow
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="lf-record-") as tmp:
+            local = download_version(
+                name, version, Path(tmp), client, mlflow.get_tracking_uri()
+            )
+            stored = tree_manifest(local)
+            sources = {
+                # MLflow stores an artifact directory under its own name.
+                f"artifacts/{Path(bundle_dir).name}": tree_manifest(bundle_dir),
+                f"code/{MODELS_PKG.name}": tree_manifest(
+                    MODELS_PKG, ignore_dirs=("__pycache__",)
+                ),
+            }
+            for prefix, logged in sources.items():
+                part = {
+                    k.removeprefix(prefix + "/"): v
+                    for k, v in stored.items()
+                    if k.startswith(prefix + "/")
+                }
+                compare(local / prefix, logged, part)
+            if stored.get(PYFUNC_FILE.name) != file_sha256(PYFUNC_FILE):
+                raise IntegrityError(f"{PYFUNC_FILE.name} is not the logged file")
+    except IntegrityError as exc:
+        raise TamperError(
+            f"{name} v{version}: the stored model is not what was logged: {exc}"
+        ) from None
+    text = json.dumps(stored, sort_keys=True, separators=(",", ":"))
+    bundle_digest = check_manifest(bundle_dir)
+    for key, value in (
+        (TAG_MANIFEST, text),
+        (TAG_BUNDLE, bundle_digest or ""),
+        # Last: a version whose record is incomplete never verifies.
+        (TAG_DIGEST, manifest_digest(stored)),
+    ):
+        client.set_model_version_tag(name, str(version), key, value)
+
+
 def promote(name: str, version: int, cache_dir: Path) -> None:
-    """Point ``champion`` at ``version`` once its artifacts load completely."""
+    """Point ``champion`` at ``version`` once its files verify against the
+    registry's record and load completely."""
     from mlflow import MlflowClient
 
-    bundle = fetch_model(name, version, cache_dir)
+    client = MlflowClient()
+    mv = _safe(
+        f"look up {name} v{version}",
+        lambda: client.get_model_version(name, str(version)),
+    )
+    tags = dict(mv.tags or {})
     try:
-        LatentModel.load(bundle)
-    except ValueError as exc:
-        raise RegistryError(
+        bundle = fetch_model(
+            name, version, cache_dir, recorded_files(name, version, tags)
+        )
+        LatentModel.load(bundle, expected_sha256=tags.get(TAG_BUNDLE) or None)
+    except (ValueError, TamperError) as exc:
+        error = (
+            TamperError
+            if isinstance(exc, (IntegrityError, TamperError))
+            else RegistryError
+        )
+        raise error(
             f"{name} v{version} is not loadable, champion left unchanged: {exc}"
         ) from None
-    client = MlflowClient()
     _safe(
         f"set {name}@{CHAMPION}",
         lambda: client.set_registered_model_alias(name, CHAMPION, str(version)),

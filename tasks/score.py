@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from models.bundle import LatentModel
-from tasks.errors import SchemaError
+from models.integrity import MANIFEST, IntegrityError
+from tasks.errors import SchemaError, TamperError
 from tasks.faults import checkpoint
 from tasks.partitions import (
     WorkUnit,
@@ -71,6 +72,7 @@ class ScoreLayout:
     keys: list[str]
     model_name: str
     model_version: int
+    bundle_sha256: str | None = None  # the manifest digest every unit must load
 
 
 @dataclass
@@ -123,11 +125,15 @@ def output_schema(
 
 
 def bundle_fingerprint(bundle_dir: Path) -> str:
-    """SHA-256 over a bundle's JSON files, the weights' SHA-256 among them.
+    """SHA-256 of the bundle's ``manifest.json`` (which holds every file's
+    SHA-256); for a bundle saved before manifests, over its JSON files.
 
     Cheap (a few KiB are read), and it changes whenever the model does, so a
     cache keyed by it never serves a stale model for a reused path.
     """
+    manifest = Path(bundle_dir) / MANIFEST
+    if manifest.exists():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
     h = hashlib.sha256()
     for name in ("bundle.json", "preprocessor.json", "estimator/estimator.json"):
         h.update(name.encode() + b"\0")
@@ -141,20 +147,33 @@ def _cached_model(path: str, fingerprint: str, device: str) -> LatentModel:
     return LatentModel.load(path, device=device)
 
 
-def load_model(bundle_dir: Path, device: str = "cpu") -> LatentModel:
+def load_model(
+    bundle_dir: Path, device: str = "cpu", expected_sha256: str | None = None
+) -> LatentModel:
     """The bundle's model, loaded once per process (weights only, no pickle).
 
     Scoring tasks get the bundle's *path* on shared storage; each worker
     process loads the weights the first time and reuses them for every later
-    unit, so the model is never pickled into a task.
+    unit, so the model is never pickled into a task. Every file is checked
+    against the bundle's manifest on load; ``expected_sha256`` (the digest
+    :func:`prepare_scoring` verified) pins the manifest itself, so a worker
+    never scores with files changed after the run checked them.
     """
     path = Path(bundle_dir).resolve()
     try:
-        fingerprint = bundle_fingerprint(path)
-    except OSError:
-        # Let the loader report what is wrong with the bundle, as it always has.
-        return LatentModel.load(path, device=device)
-    return _cached_model(str(path), fingerprint, device)
+        try:
+            fingerprint = bundle_fingerprint(path)
+        except OSError:
+            # Let the loader report what is wrong with the bundle.
+            return LatentModel.load(path, device=device)
+        if expected_sha256 is not None and fingerprint != expected_sha256:
+            raise IntegrityError(
+                f"{path / MANIFEST} changed after the run verified the model"
+            )
+        model = _cached_model(str(path), fingerprint, device)
+    except IntegrityError as exc:
+        raise TamperError(f"model {path} failed its integrity check: {exc}") from None
+    return model
 
 
 # -------------------------------------------------------------------- planning
@@ -207,7 +226,9 @@ def prepare_scoring(
     }
     schema = schema.with_metadata({k: v.encode() for k, v in metadata.items()})
     columns = ["_row_id", *keys, *[c for c in needed if c not in keys]]
-    return ScoreLayout(schema, columns, keys, model_name, model_version)
+    return ScoreLayout(
+        schema, columns, keys, model_name, model_version, model.manifest_sha256
+    )
 
 
 def plan_scoring(
@@ -310,7 +331,7 @@ def score_unit(
         of its errors (for the p99), small enough to return to the flow.
     """
     t0 = time.perf_counter()
-    model = load_model(bundle_dir, device=device)
+    model = load_model(bundle_dir, device=device, expected_sha256=layout.bundle_sha256)
     schema, keys = layout.schema, layout.keys
     rows = anomalies = 0
     err_sum = 0.0

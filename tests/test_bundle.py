@@ -75,3 +75,57 @@ def test_swapped_weights_from_another_model_are_refused(bundle, tmp_path):
     torch.save(state, w)
     with pytest.raises(ValueError, match=r"weights\.pt"):
         LatentModel.load(other)
+
+
+def _edit_json(path, change) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("target", "change"),
+    [
+        # A raised threshold hides anomalies; the JSON used to be unchecked.
+        ("estimator/estimator.json", lambda d: d["fitted"].update(threshold_=1e9)),
+        # A changed drift reference makes every later run "reuse" the champion.
+        ("bundle.json", lambda d: d.update(reference={"features": {}})),
+        ("preprocessor.json", lambda d: d.update(means=[0.0] * len(d["means"]))),
+    ],
+)
+def test_changed_json_is_refused_naming_the_file(bundle, target, change):
+    _edit_json(bundle / target, change)
+    with pytest.raises(ValueError) as exc:
+        LatentModel.load(bundle)
+    msg = str(exc.value)
+    assert "\n" not in msg and target in msg and "SHA-256" in msg
+
+
+def test_added_or_linked_files_are_refused(bundle, tmp_path):
+    (bundle / "estimator" / "extra.py").write_text("print('hi')\n")
+    with pytest.raises(ValueError, match=r"extra\.py is not part of the saved model"):
+        LatentModel.load(bundle)
+    (bundle / "estimator" / "extra.py").unlink()
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((bundle / "bundle.json").read_bytes())
+    (bundle / "bundle.json").unlink()
+    (bundle / "bundle.json").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"bundle\.json is not a regular file"):
+        LatentModel.load(bundle)
+
+
+def test_rewritten_manifest_is_caught_by_the_recorded_digest(bundle):
+    from models.integrity import write_manifest
+
+    good = LatentModel.load(bundle).manifest_sha256
+    assert good and len(good) == 64
+    _edit_json(
+        bundle / "estimator" / "estimator.json",
+        lambda d: d["fitted"].update(threshold_=1e9),
+    )
+    write_manifest(bundle)  # the attacker re-signs the bundle locally ...
+    assert LatentModel.load(bundle).threshold == 1e9  # ... which alone passes,
+    with pytest.raises(ValueError, match=r"manifest\.json does not match the digest"):
+        LatentModel.load(bundle, expected_sha256=good)  # but not the record.

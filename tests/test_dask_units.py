@@ -283,6 +283,7 @@ def test_commit_refuses_a_missing_unit(work: Path, ingested: Path, bundle: Path)
 def test_model_is_loaded_once_per_process(bundle: Path, tmp_path: Path):
     import shutil
 
+    from models.integrity import write_manifest
     from tasks.score import load_model
 
     assert load_model(bundle) is load_model(bundle)
@@ -293,6 +294,7 @@ def test_model_is_loaded_once_per_process(bundle: Path, tmp_path: Path):
     info = json.loads((copy / "bundle.json").read_text())
     info["trained_at"] = "changed"
     (copy / "bundle.json").write_text(json.dumps(info))
+    write_manifest(copy)  # a re-save writes the manifest last
     assert load_model(copy) is not first
 
 

@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=".demo", help="output root (default .demo)")
     demo.add_argument("--rows", type=int, default=20_000, help="rows to generate")
     demo.add_argument("--run-date", type=_date, help="partition date (default: today)")
+
+    serve = sub.add_parser(
+        "serve-model", help="verify a registered model and serve it on 127.0.0.1"
+    )
+    serve.add_argument("--data-dir", required=True, help="the run's output root")
+    serve.add_argument("--dataset", required=True, help="dataset name")
+    which = serve.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="model version")
+    which.add_argument("--alias", default="champion", help="alias (default champion)")
+    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     return p
 
 
@@ -182,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_logging()
     try:
+        if args.command == "serve-model":
+            from flows.serve_model import serve_model
+
+            serve_model(
+                Path(args.data_dir), args.dataset, args.version, args.alias, args.port
+            )
+            return 0
         if args.command == "demo":
             summary = _demo(args)
         else:

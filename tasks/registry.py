@@ -135,13 +135,22 @@ def fetch_model(
 ) -> Path:
     """Download a model version once into the cache and return its bundle dir.
 
-    With ``manifest`` (the registry's record, :func:`recorded_files`) every file
-    of the cached copy is verified on every call, a fresh download or not: the
+    Every file of the cached copy is verified against the registry's record
+    (``manifest``, else looked up) on every call, a fresh download or not: the
     cache lives in the data dir and is no more trusted than the artifact store.
+    Only a version registered before records existed is returned unverified.
     """
     import mlflow
     from mlflow import MlflowClient
 
+    if manifest is None:
+        mv = _safe(
+            f"look up {name} v{version}",
+            lambda: MlflowClient().get_model_version(name, str(version)),
+        )
+        tags = dict(mv.tags or {})
+        if TAG_DIGEST in tags or TAG_MANIFEST in tags:
+            manifest = recorded_files(name, version, tags)
     target = cache_dir / name / f"v{version}"
     if not (target / "MLmodel").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -120,8 +120,9 @@ def test_pyfunc_predicts_raw_rows(prefect_harness, small_csv, tmp_path):
     raw.loc[1, "MinTemp"] = np.nan
     pred = model.predict(raw)
     assert len(pred) == 50
-    assert {"latent_0", "recon_error", "is_anomaly"} <= set(pred.columns)
-    assert pred.notna().all().all()
+    assert {"latent_0", "recon_error", "is_anomaly", "error"} <= set(pred.columns)
+    assert pred.drop(columns="error").notna().all().all()
+    assert pred["error"].isna().all()  # NaN is missing, as in batch; no junk here
 
 
 def test_same_seed_same_model_outputs(prefect_harness, small_csv, tmp_path):

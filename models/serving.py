@@ -32,6 +32,10 @@ TAG_DIGEST = "latentflow.model_sha256"  # digest of the whole logged model's man
 TAG_MANIFEST = "latentflow.model_manifest"  # that manifest: {path: sha256}
 TAG_BUNDLE = "latentflow.bundle_sha256"  # digest of artifacts/model_dir/manifest.json
 BUNDLE_DIR = "artifacts/model_dir"  # the bundle inside a logged model
+#: MLflow writes this file itself into any model it downloads through
+#: ``models:/``, even into a local artifact store; it holds the name and version
+#: and nothing reads it back, so it is left out of manifests.
+MLFLOW_META = "registered_model_meta"
 CHAMPION = "champion"
 
 
@@ -61,7 +65,8 @@ def recorded_manifest(tags: Mapping[str, str], what: str) -> dict[str, str] | No
 
 def verify_model_dir(root: Path, manifest: Mapping[str, str]) -> None:
     """Every file under ``root`` must be exactly the recorded one, none added."""
-    compare(Path(root), manifest, safe_tree_manifest(Path(root)))
+    actual = safe_tree_manifest(Path(root), skip=(MLFLOW_META,))
+    compare(Path(root), manifest, actual)
 
 
 def download_version(

@@ -33,6 +33,7 @@ from models.integrity import (
     tree_manifest,
 )
 from models.serving import (
+    MLFLOW_META,
     TAG_BUNDLE,
     TAG_DIGEST,
     TAG_MANIFEST,
@@ -377,7 +378,7 @@ def _record_manifest(client: Any, name: str, version: int, bundle_dir: Path) -> 
             local = download_version(
                 name, version, Path(tmp), client, mlflow.get_tracking_uri()
             )
-            stored = tree_manifest(local)
+            stored = tree_manifest(local, skip=(MLFLOW_META,))
             sources = {
                 # MLflow stores an artifact directory under its own name.
                 f"artifacts/{Path(bundle_dir).name}": tree_manifest(bundle_dir),

@@ -389,7 +389,7 @@ def _check_same(champion, rows: list[dict[str, str]]) -> None:
 
 
 @settings(
-    max_examples=12,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     database=None,
@@ -511,7 +511,8 @@ def test_serve_model_scores_raw_rows_over_http(trained, tmp_path):
         status, out = _post(base + "/invocations", b'{"dataframe_split": [')
         assert status == 400 and "JSON" in out["message"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "Traceback" not in err, err[-3000:]
     assert f"http://127.0.0.1:{port}/invocations" in err

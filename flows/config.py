@@ -26,11 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+from models.families import DEFAULT_FAMILY, family_names, get_family
 from tasks.errors import ConfigError
 from tasks.ingest import WEATHERAUS_RULES
 from tasks.storage import dataset_from_path, validate_dataset_name
 
-Kind = Literal["ae", "denoising", "sparse", "contractive", "vae"]
 Device = Literal["auto", "cpu", "cuda"]
 Runner = Literal["sequential", "threads", "dask"]
 
@@ -57,6 +57,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rules": list(WEATHERAUS_RULES),
     },
 }
+
+
+def _kind_schema(schema: dict[str, Any]) -> None:
+    """The registered family names as the field's JSON-schema enum.
+
+    Computed when a schema is asked for (deploying, rendering the UI form), not
+    at import: the server then refuses an unknown kind before any run starts.
+    """
+    names = list(family_names())
+    schema["enum"] = names
+    schema["description"] = "Model family: " + ", ".join(names)
 
 
 class PipelineConfig(BaseModel):
@@ -96,7 +107,11 @@ class PipelineConfig(BaseModel):
     )
 
     # model
-    kind: Kind = Field("ae", description="Autoencoder variant")
+    kind: str = Field(
+        DEFAULT_FAMILY,
+        description="Model family (a registered name)",
+        json_schema_extra=_kind_schema,
+    )
     latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
     hidden: tuple[int, ...] = Field(
         (128, 64), description="Encoder hidden layer widths (decoder mirrors them)"
@@ -243,6 +258,16 @@ class PipelineConfig(BaseModel):
             )
         return self
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v: str) -> str:
+        names = family_names()
+        if v not in names:
+            raise ValueError(
+                f"unknown model family {v!r}; registered: {', '.join(names)}"
+            )
+        return v
+
     @field_validator("hidden")
     @classmethod
     def _hidden_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -274,26 +299,13 @@ class PipelineConfig(BaseModel):
         return f"{self.dataset}-autoencoder"
 
     def estimator_params(self) -> dict[str, Any]:
-        """Hyperparameters for :class:`models.AutoencoderReducer`."""
-        names = [
-            "latent_dim",
-            "hidden",
-            "kind",
-            "epochs",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "val_fraction",
-            "patience",
-            "noise_std",
-            "sparsity_weight",
-            "contractive_weight",
-            "beta",
-            "contamination",
-            "device",
-            "random_state",
-        ]
-        return {n: getattr(self, n) for n in names}
+        """Settings for the model family ``kind``: those of its ``settings``
+        (see :mod:`models.families`) that are fields here, plus ``kind``."""
+        settings = get_family(self.kind).settings
+        fields = type(self).model_fields
+        params = {n: getattr(self, n) for n in settings if n in fields}
+        params["kind"] = self.kind
+        return params
 
     def model_params(self) -> dict[str, Any]:
         """Settings that define a model: a champion with others is not reused."""

@@ -345,8 +345,8 @@ default="relu"
                 self.latent_dim,
                 hidden,
                 self.activation,
-                variational=self.kind == "vae",
-                code_activation="relu" if self.kind == "sparse" else None,
+                variational=OBJECTIVES[self.kind].variational,
+                code_activation=OBJECTIVES[self.kind].code_activation,
             )
         network.to(device)
 

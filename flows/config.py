@@ -388,6 +388,11 @@ class Confinement:
 
     def check(self, cfg: PipelineConfig) -> list[Path]:
         """The input's files; :class:`ConfigError` (one line) if anything is outside."""
+        # Inputs first: reading what it should not is the worse leak.
+        if self.input_roots is None:
+            files = [Path(p) for p in _list_sources(cfg.input)]
+        else:
+            files = input_files(cfg.input, self.input_roots)
         data_dir = Path(cfg.data_dir).expanduser().resolve()
         if self.data_roots is not None and not _inside(data_dir, self.data_roots):
             raise ConfigError(
@@ -395,10 +400,6 @@ class Confinement:
                 f" roots {_show(self.data_roots)}; runs here write only under them"
                 f" (set {DATA_ROOTS_ENV} on the host that runs them)"
             )
-        if self.input_roots is None:
-            files = [Path(p) for p in _list_sources(cfg.input)]
-        else:
-            files = input_files(cfg.input, self.input_roots)
         if (
             self.dask_addresses is not None
             and cfg.dask_address is not None

@@ -233,7 +233,8 @@ def _allowed_sources(cfg: PipelineConfig) -> list[Path]:
     run's parameters; a run started from a deployment is always confined.
     """
     ctx = FlowRunContext.get()
-    deployed = ctx is not None and ctx.flow_run.deployment_id is not None
+    run = ctx.flow_run if ctx is not None else None
+    deployed = run is not None and run.deployment_id is not None
     policy = confinement(deployed=deployed)
     if policy is not None:
         return policy.check(cfg)

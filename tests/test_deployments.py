@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -375,6 +376,8 @@ def test_on_demand_runs_changed_parameters_one_at_a_time(stack):
     # costs little, which also shows a user error ending a served run.
     missing = stack.data_dir / "input" / "missing.csv"
     queued_params = {"config": {"input": str(missing)}}
+    # Group-readable only: the outputs must not be readable by others either.
+    stack.csv.chmod(0o640)
     t0 = time.monotonic()
     with stack.settings():
         first = run_deployment(f"{FLOW}/{ON_DEMAND}", parameters=params, timeout=0)
@@ -410,6 +413,11 @@ def test_on_demand_runs_changed_parameters_one_at_a_time(stack):
     )
     assert "latent_3" not in schema.names
     assert sum(pq.read_metadata(f).num_rows for f in files) == 2000
+    # Never wider than the input (0640): files <= 0640, new directories <= 0750.
+    for area in ("ingested", "latent"):
+        for p in (out / area / "weatheraus").rglob("*"):
+            mode = stat.S_IMODE(p.stat().st_mode)
+            assert mode & ~(0o640 if p.is_file() else 0o750) == 0, f"{p}: {oct(mode)}"
 
     # Raw API call: SyncPrefectClient.read_artifacts in Prefect 3.8.8 sends
     # nulls the server refuses (422) unless every filter is given.

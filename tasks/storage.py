@@ -274,7 +274,9 @@ def source_umask_bits(sources: list[Path]) -> int:
     """
     allowed = 0o666
     for path in sources:
-        allowed &= os.stat(path).st_mode
+        # A file gone since it was listed fails the run in ingest, by name.
+        with contextlib.suppress(FileNotFoundError):
+            allowed &= os.stat(path).st_mode
     allowed |= (allowed & 0o444) >> 2  # x beside r: what directories need
     return 0o077 & ~allowed
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models import columns as cols
 from models.estimator import AutoencoderReducer
 from models.preprocessing import TableLike, TabularPreprocessor
 
@@ -77,7 +78,7 @@ class LatentModel:
 
     @property
     def latent_names(self) -> list[str]:
-        return [f"latent_{i}" for i in range(self.latent_dim)]
+        return [cols.latent_name(i) for i in range(self.latent_dim)]
 
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
@@ -112,11 +113,11 @@ class LatentModel:
         index = data.index if isinstance(data, pd.DataFrame) else None
         latent, err, flag = self.score(data)
         out = pd.DataFrame(latent, columns=self.latent_names, index=index)
-        out["recon_error"] = err
-        out["is_anomaly"] = flag
+        out[cols.RECON_ERROR] = err
+        out[cols.IS_ANOMALY] = flag
         labels = self.clusters(latent)
         if labels is not None:
-            out["cluster"] = labels
+            out[cols.CLUSTER] = labels
         return out
 
     # -- persistence ----------------------------------------------------------

@@ -124,11 +124,10 @@ def describe_fault(
             return e
         if isinstance(e, OSError) and e.errno in _ERRNO_TEXT:
             what, hint = _ERRNO_TEXT[e.errno]
-            path = e.filename if e.filename is not None else None
-            if path is None:
+            if e.filename is None:
                 place = f"under {where}" if where else "(path not reported)"
             else:
-                place = str(os.fsdecode(path))
+                place = os.fsdecode(e.filename)
                 if e.filename2 is not None:
                     place += f" -> {os.fsdecode(e.filename2)}"
             name = errno.errorcode.get(e.errno, str(e.errno))

@@ -127,8 +127,13 @@ def describe_fault(
             if e.filename is None:
                 place = f"under {where}" if where else "(path not reported)"
             else:
-                place = os.fsdecode(e.filename)
-                if e.filename2 is not None:
+                name = e.filename
+                place = (
+                    os.fsdecode(name)
+                    if isinstance(name, (str, bytes, os.PathLike))
+                    else str(name)
+                )
+                if isinstance(e.filename2, (str, bytes, os.PathLike)):
                     place += f" -> {os.fsdecode(e.filename2)}"
             name = errno.errorcode.get(e.errno, str(e.errno))
             return EnvironmentFault(f"{what} ({name}): {place}; {hint}")

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, confinement
 from flows.runners import RunnerScope, runner_scope
+from flows.runtime_checks import check_runtime
 from tasks import registry
 from tasks.decide import ChampionInfo, comparable, decide_task, gate
 from tasks.drift import measure_drift_task
@@ -86,6 +87,7 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
     """Turn a tabular file into latent features, reconstruction errors and flags."""
     logger = get_run_logger()
     cfg = config.resolved()
+    check_runtime(cfg)  # before any output or lock exists
     dataset, run_date = cfg.dataset or "", cfg.run_date
     assert run_date is not None
     tag = f"{dataset}-{run_date}"

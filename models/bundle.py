@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models import columns as cols
 from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
 from models.family import ModelFamily, Scores, score_rows
 from models.preprocessing import TableLike, TabularPreprocessor
@@ -82,7 +83,7 @@ class LatentModel:
 
     @property
     def latent_names(self) -> list[str]:
-        return [f"latent_{i}" for i in range(self.latent_dim)]
+        return [cols.latent_name(i) for i in range(self.latent_dim)]
 
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
@@ -116,11 +117,11 @@ class LatentModel:
         index = data.index if isinstance(data, pd.DataFrame) else None
         scores = self.score(data)
         out = pd.DataFrame(scores.latent, columns=self.latent_names, index=index)
-        out["recon_error"] = scores.score
-        out["is_anomaly"] = scores.is_anomaly
+        out[cols.RECON_ERROR] = scores.score
+        out[cols.IS_ANOMALY] = scores.is_anomaly
         labels = self.clusters(scores.latent)
         if labels is not None:
-            out["cluster"] = labels
+            out[cols.CLUSTER] = labels
         return out
 
     # -- persistence ----------------------------------------------------------

@@ -48,6 +48,7 @@ class TrainResult:
     n_holdout: int
     sample: pd.DataFrame = field(repr=False)
     plots: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _columns(schema: dict[str, Any], kinds: tuple[str, ...]) -> list[str]:
@@ -134,6 +135,13 @@ def train_model(
     order = np.random.default_rng([seed, 2]).permutation(n)
     n_hold = max(1, round(n * holdout_fraction))
     hold_idx, train_idx = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    if n_clusters is not None and n_clusters > len(train_idx):
+        # KMeans runs on the training rows' codes: checked before any training.
+        raise ConfigError(
+            f"n_clusters {n_clusters} is more than the {len(train_idx)} training"
+            f" rows ({n} rows, {n_hold} held out); lower n_clusters or give"
+            " more rows"
+        )
     train_t, hold_t = table.take(train_idx), table.take(hold_idx)
 
     # Statistics over all rows, so they do not depend on which rows the sample
@@ -177,7 +185,13 @@ def train_model(
         if champion_mse is not None:
             metrics["champion_holdout_mse"] = champion_mse
     metrics["val_mse_vs_pca"] = metrics["val_mse"] / max(metrics["pca_val_mse"], 1e-12)
-    if label:
+    warnings: list[str] = []
+    if label and table.column(label).null_count == n:
+        # The label is for evaluation only: the model does not need it.
+        warnings.append(
+            f"label {label!r} is entirely missing: no probe_auc for this model"
+        )
+    elif label:
         metrics.update(
             _probe_metrics(
                 train_t,
@@ -228,6 +242,7 @@ def train_model(
         n_holdout=int(x_hold.shape[0]),
         sample=sample,
         plots=plots,
+        warnings=warnings,
     )
 
 
@@ -361,4 +376,6 @@ def train_task(**kwargs: Any) -> TrainResult:
 
     result = train_model(**kwargs, epoch_callback=on_epoch)
     update_progress_artifact(progress, 100.0)
+    for warning in result.warnings:
+        logger.warning(warning)
     return result

@@ -61,6 +61,8 @@ _FLOAT_RE = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
 _DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
 _NONFINITE_RE = r"(?i)^[+-]?(?:inf|infinity|nan)$"
 _NULL_STR = pa.scalar(None, pa.string())
+#: Largest magnitude a numeric cell may have: the model's float32 finite range.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # --------------------------------------------------------------------------- cells
@@ -177,6 +179,7 @@ class Parsed:
     text: pa.Array
     bad: np.ndarray | None = None
     nonfinite: np.ndarray | None = None
+    out_of_range: np.ndarray | None = None  # finite, but not a finite float32
 
 
 def parse_numeric(raw: pa.Array, decimal_comma: bool = False) -> Parsed:
@@ -213,7 +216,21 @@ def parse_numeric(raw: pa.Array, decimal_comma: bool = False) -> Parsed:
     if not pc.all(finite).as_py():  # nulls skipped: true unless inf/nan/overflow
         nonfinite = _mask(pc.invert(finite))
         values = pc.if_else(finite, values, pa.scalar(None, pa.float64()))
-    return Parsed(values=values, text=text, bad=bad, nonfinite=nonfinite)
+    # The model computes in float32: a larger magnitude would become inf there
+    # (and NaN after scaling), so such a cell rejects its row like junk does.
+    out_of_range = None
+    lo, hi = pc.min_max(values).values()
+    if lo.is_valid and (lo.as_py() < -FLOAT32_MAX or hi.as_py() > FLOAT32_MAX):
+        big = pc.greater(pc.abs(values), FLOAT32_MAX)
+        out_of_range = _mask(big)
+        values = pc.if_else(big, pa.scalar(None, pa.float64()), values)
+    return Parsed(
+        values=values,
+        text=text,
+        bad=bad,
+        nonfinite=nonfinite,
+        out_of_range=out_of_range,
+    )
 
 
 def _cast_floats(text: pa.Array) -> pa.Array:
@@ -251,6 +268,56 @@ def parse_date(raw: pa.Array) -> Parsed:
     values = pc.cast(pc.if_else(good, text, _NULL_STR), pa.date32())
     bad = _mask(pc.is_valid(text)) & ~good_mask
     return Parsed(values=values, text=text, bad=bad if bad.any() else None)
+
+
+#: Timestamps are stored in UTC, to the microsecond.
+TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
+# ISO 8601 date-time with a zone (Z or an offset): without one it is not an
+# instant, so a naive date-time stays text.
+_TIMESTAMP_RE = (
+    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:?\d{2})$"
+)
+
+
+def parse_timestamp(raw: pa.Array) -> Parsed:
+    """Parse zoned ISO 8601 date-times into UTC timestamps; others are bad.
+
+    ``text`` is the UTC form (``2024-01-01 09:00:00.000000Z``), so the same
+    instant written with another offset hashes (and keys) the same.
+    """
+    text = clean_text(raw)
+    shaped = pc.match_substring_regex(text, _TIMESTAMP_RE)
+    good = _mask(shaped)
+    valid = _mask(pc.is_valid(text))
+    try:
+        values = pc.cast(pc.if_else(shaped, text, _NULL_STR), TIMESTAMP_TYPE)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        # A well-shaped but impossible value (2024-02-30): cell by cell.
+        out = []
+        for cell, ok in zip(text.to_pylist(), good.tolist(), strict=True):
+            try:
+                out.append(pc.cast(pa.scalar(cell), TIMESTAMP_TYPE) if ok else None)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                out.append(None)
+        good = np.array([v is not None for v in out], bool)
+        values = pa.array(
+            [v.as_py() if v is not None else None for v in out], TIMESTAMP_TYPE
+        )
+    bad = valid & ~good
+    # Parsed cells as their UTC form; bad ones keep their text for the reason.
+    utc_text = pc.if_else(pc.is_valid(values), pc.cast(values, pa.string()), text)
+    return Parsed(values=values, text=utc_text, bad=bad if bad.any() else None)
+
+
+def timestamp_share(text: pa.Array) -> float:
+    """Share of the non-null cells that are zoned ISO date-times (inference)."""
+    n = len(text) - text.null_count
+    if n == 0:
+        return 0.0
+    matching = pc.sum(pc.match_substring_regex(text, _TIMESTAMP_RE)).as_py() or 0
+    if matching < _MIN_SHARE_FOR_CAST * n:
+        return matching / n
+    return (len(text) - parse_timestamp(text).values.null_count) / n
 
 
 def parse_text(raw: pa.Array) -> Parsed:
@@ -578,6 +645,10 @@ class CompiledRule:
 
     def _column(self, op: _Operand, kinds: Mapping[str, str]) -> _Bound | None:
         if op.kind in ("col", "word") and op.value in kinds:
+            if kinds[op.value] == "timestamp":
+                raise self._err(
+                    f"{op.value} is a timestamp: rules on timestamps are not supported"
+                )
             return _Bound(op.value, kind=kinds[op.value])
         if op.kind == "col":
             raise self._err(f"unknown column {op.value!r}")
@@ -678,6 +749,41 @@ def _family(kind: str) -> str:
     return kind if kind in ("numeric", "date") else "text"
 
 
+def implied_kind(rules: Sequence[Rule], column: str, names: Sequence[str]) -> str:
+    """The kind the rules treat ``column`` as: what a column that has no value
+    to infer its kind from is typed as ("numeric" when no rule says more).
+
+    A column compared with a number is numeric, with an ISO date a date, with
+    any other word or string categorical (``RainTomorrow in {No, Yes}``).
+    """
+    known = set(names)
+
+    def literal_kind(op: _Operand) -> str | None:
+        if op.kind in ("col", "word") and op.value in known:
+            return None  # another column
+        if op.kind == "num":
+            return "numeric"
+        if re.fullmatch(_DATE_RE, str(op.value)):
+            return "date"
+        return "categorical"
+
+    def is_it(op: _Operand) -> bool:
+        return op.kind in ("col", "word") and op.value == column
+
+    for rule in rules:
+        for cond in (rule.when, rule.cond):
+            if isinstance(cond, _InSet) and is_it(cond.operand):
+                found = [literal_kind(v) for v in cond.values]
+            elif isinstance(cond, _Compare) and any(is_it(t) for t in cond.terms):
+                found = [literal_kind(t) for t in cond.terms if not is_it(t)]
+            else:
+                continue
+            for kind in found:
+                if kind is not None:
+                    return kind
+    return "numeric"
+
+
 def compile_rules(
     rules: Sequence[Rule], kinds: Mapping[str, str]
 ) -> list[CompiledRule]:
@@ -695,6 +801,7 @@ __all__ = [
     "compile_rules",
     "date_share",
     "hash_text",
+    "implied_kind",
     "mix64",
     "numeric_share",
     "occurrence_hash",
@@ -702,4 +809,6 @@ __all__ = [
     "parse_numeric",
     "parse_rule",
     "parse_text",
+    "parse_timestamp",
+    "timestamp_share",
 ]

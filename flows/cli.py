@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import LatentflowError
+from tasks.errors import LatentflowError, describe_fault
 
 EXIT_USER_ERROR = 2
 
@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         "--retrain", action="store_true", default=None, help="force training"
     )
     run.add_argument("--latent-dim", type=int, help="size of the latent code")
-    run.add_argument("--kind", help="ae | denoising | sparse | contractive | vae")
+    run.add_argument(
+        "--kind", help="model family, e.g. ae or vae (docs/models.md lists them)"
+    )
     run.add_argument("--epochs", type=int, help="most training epochs")
     run.add_argument("--device", help="auto | cpu | cuda")
     run.add_argument(
@@ -101,33 +103,40 @@ def _quiet_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.ERROR)
 
 
-class _NoUserErrorTracebacks(logging.Filter):
-    """A user's mistake is reported in one line: drop the traceback Prefect's
-    engine attaches when a task fails with a LatentflowError."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, LatentflowError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
+def _is_user_facing(exc: BaseException | None) -> bool:
+    return exc is not None and describe_fault(exc) is not None
 
 
 def _install_log_filter() -> None:
-    flt = _NoUserErrorTracebacks()
-    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if flt not in handler.filters:
-                handler.addFilter(flt)
+    """A user's mistake or an environmental fault is reported in one line: drop
+    the traceback Prefect's engine (or MLflow's store) attaches to its log
+    record. Done where records are made, since libraries add their handlers
+    late and some (MLflow's) do not propagate."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "_latentflow", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if record.exc_info and _is_user_facing(record.exc_info[1]):
+            record.exc_info = None
+            record.exc_text = None
+        return record
+
+    factory._latentflow = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Build the config and run the flow; returns the summary dict."""
     from flows.config import build_config
     from flows.nightly import nightly
+    from flows.runtime_checks import check_prefect_database, check_runtime
 
     _install_log_filter()
     cfg = build_config(config_file, overrides)
+    check_runtime(cfg)
+    check_prefect_database()
     with _stdout_to_stderr():
         return nightly(config=cfg)
 
@@ -188,6 +197,29 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    """The run's data dir as the user gave it (for naming paths in errors)."""
+    from flows.config import DEFAULT_DATA_DIR, load_config_file
+
+    given = args.data_dir
+    if not given and getattr(args, "config", None):
+        try:
+            given = load_config_file(args.config).get("data_dir")
+        except LatentflowError:
+            given = None
+    given = given or os.environ.get("LATENTFLOW_DATA_DIR", DEFAULT_DATA_DIR)
+    return Path(str(given)).expanduser().resolve()
+
+
+def _store_file(data_dir: Path) -> str | None:
+    from tasks.registry import tracking_uri_for
+
+    uri = tracking_uri_for(data_dir)
+    if not uri.startswith("sqlite:///"):
+        return None
+    return f"MLflow store {uri.removeprefix('sqlite:///')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_logging()
@@ -209,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_pipeline(args.config, _overrides(args))
     except LatentflowError as exc:
         print(f"latentflow: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        # Disk full, read-only or forbidden paths, a locked or corrupt store:
+        # the environment's fault, one line; anything else is a bug.
+        where = _data_dir(args)
+        fault = describe_fault(exc, where=str(where), database=_store_file(where))
+        if fault is None:
+            raise
+        print(f"latentflow: error: {fault}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("latentflow: interrupted", file=sys.stderr)

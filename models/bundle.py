@@ -1,10 +1,11 @@
-"""One saved model: the preprocessor and the autoencoder together.
+"""One saved model: the preprocessor and the model family's estimator together.
 
 A bundle directory holds ``bundle.json`` (input schema, training facts, drift
-reference, optional cluster centres), ``preprocessor.json``, ``estimator/``
-(state_dict plus JSON) and ``manifest.json``: the SHA-256 of every other file,
-checked before anything is parsed. Nothing in it is a pickle, so loading a model
-cannot run code.
+reference, the model family's registered name, optional cluster centres),
+``preprocessor.json``, ``estimator/`` (state_dict plus JSON, written by the
+family) and ``manifest.json``: the SHA-256 of every other file, checked before
+anything is parsed. Nothing in it is a pickle, so loading a model cannot run
+code.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models import columns as cols
 from models.cells import as_text, cell_problems, parse_cells
-from models.estimator import AutoencoderReducer
+from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
+from models.family import ModelFamily, Scores, score_rows
 from models.integrity import check_manifest, write_manifest
 from models.preprocessing import TableLike, TabularPreprocessor
 
 BUNDLE_FORMAT = 1
+#: The served output's per-row reason, null for rows scored.
+SERVE_ERROR = "error"
 
 
 @dataclass
@@ -46,17 +51,20 @@ class BundleInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     cluster_centers: list[list[float]] | None = None
+    # The registered name of the model family (models.families); bundles saved
+    # before families existed have none and are autoencoders.
+    family: str = LEGACY_FAMILY
 
 
 class LatentModel:
-    """Preprocessor + autoencoder, scored as one.
+    """Preprocessor + model, scored as one.
 
     Parameters
     ----------
     preprocessor : TabularPreprocessor
-        Fitted preprocessor turning raw columns into the network's input.
-    estimator : AutoencoderReducer
-        Fitted autoencoder.
+        Fitted preprocessor turning raw columns into the model's input.
+    estimator : ModelFamily
+        Fitted model of the family ``info.family``.
     info : BundleInfo
         Schema and training facts.
     """
@@ -64,7 +72,7 @@ class LatentModel:
     def __init__(
         self,
         preprocessor: TabularPreprocessor,
-        estimator: AutoencoderReducer,
+        estimator: ModelFamily,
         info: BundleInfo,
     ) -> None:
         self.preprocessor = preprocessor
@@ -83,19 +91,17 @@ class LatentModel:
 
     @property
     def latent_names(self) -> list[str]:
-        return [f"latent_{i}" for i in range(self.latent_dim)]
+        return [cols.latent_name(i) for i in range(self.latent_dim)]
 
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
 
-    def score(self, data: TableLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Latent features, reconstruction errors and anomaly flags for ``data``.
+    def score(self, data: TableLike) -> Scores:
+        """Latent features, anomaly scores and flags for ``data``.
 
-        Returns arrays of shapes (n, latent_dim) float32, (n,) float32, (n,) bool.
+        Arrays of shapes (n, latent_dim) float32, (n,) float32, (n,) bool.
         """
-        x = self.preprocessor.transform(data)
-        latent, err = self.estimator.encode_and_score(x)
-        return latent, err, err > self.threshold
+        return score_rows(self.estimator, self.preprocessor.transform(data))
 
     def clusters(self, latent: np.ndarray) -> np.ndarray | None:
         """Nearest learned cluster centre for each latent row, or None."""
@@ -106,9 +112,10 @@ class LatentModel:
         return d.argmin(axis=1).astype(np.int32)
 
     def source_errors(self, data: TableLike) -> pd.DataFrame:
-        """Per-input-column squared reconstruction errors (rows x input columns)."""
+        """Per-input-column contributions to the score (rows x input columns):
+        squared reconstruction errors for a reconstruction model."""
         x = self.preprocessor.transform(data)
-        fe = np.asarray(self.estimator.feature_errors(x), dtype=np.float64)
+        fe = np.asarray(self.estimator.feature_contributions(x), dtype=np.float64)
         names, per_col = self.preprocessor.source_errors(fe)
         return pd.DataFrame(per_col, columns=names)
 
@@ -116,13 +123,13 @@ class LatentModel:
         """The pyfunc output: latent_*, recon_error, is_anomaly (and cluster)."""
         # MLflow may hand over a frame with the index of the caller; keep it.
         index = data.index if isinstance(data, pd.DataFrame) else None
-        latent, err, flag = self.score(data)
-        out = pd.DataFrame(latent, columns=self.latent_names, index=index)
-        out["recon_error"] = err
-        out["is_anomaly"] = flag
-        labels = self.clusters(latent)
+        scores = self.score(data)
+        out = pd.DataFrame(scores.latent, columns=self.latent_names, index=index)
+        out[cols.RECON_ERROR] = scores.score
+        out[cols.IS_ANOMALY] = scores.is_anomaly
+        labels = self.clusters(scores.latent)
         if labels is not None:
-            out["cluster"] = labels
+            out[cols.CLUSTER] = labels
         return out
 
     def predict_raw(self, data: pd.DataFrame) -> pd.DataFrame:
@@ -169,16 +176,17 @@ class LatentModel:
                 bad |= problem.mask
         good = np.flatnonzero(~bad)
         latent = np.full((n, self.latent_dim), np.nan, np.float32)
-        err = np.full(n, np.nan, np.float32)
+        score = np.full(n, np.nan, np.float32)
         flag = np.zeros(n, bool)
-        labels = None
+        labels = np.zeros(n, np.int32)
         if len(good):
             table = pa.table({c: typed[c] for c in self.preprocessor.input_columns})
-            lat, e, f = self.score(table.take(pa.array(good)))
-            latent[good], err[good], flag[good] = lat, e, f
-            found = self.clusters(lat)
+            scores = self.score(table.take(pa.array(good)))
+            latent[good] = scores.latent
+            score[good] = scores.score
+            flag[good] = scores.is_anomaly
+            found = self.clusters(scores.latent)
             if found is not None:
-                labels = np.zeros(n, np.int32)
                 labels[good] = found
         index = data.index
         out = pd.DataFrame(
@@ -188,14 +196,15 @@ class LatentModel:
             },
             index=index,
         )
-        out["recon_error"] = pd.array(np.where(bad, np.nan, err), dtype="Float32")
-        out["is_anomaly"] = pd.array(
+        out[cols.RECON_ERROR] = pd.array(np.where(bad, np.nan, score), "Float32")
+        out[cols.IS_ANOMALY] = pd.array(
             np.where(bad, None, flag).astype(object), dtype="boolean"
         )
         if self.info.cluster_centers:
-            cl = np.zeros(n, np.int32) if labels is None else labels
-            out["cluster"] = pd.array(np.where(bad, None, cl).astype(object), "Int32")
-        out["error"] = pd.Series(
+            out[cols.CLUSTER] = pd.array(
+                np.where(bad, None, labels).astype(object), dtype="Int32"
+            )
+        out[SERVE_ERROR] = pd.Series(
             ["; ".join(r) if r else None for r in reasons], index=index, dtype=object
         )
         return out
@@ -245,7 +254,11 @@ class LatentModel:
         except TypeError as exc:
             raise ValueError(f"{meta_path} has unexpected fields: {exc}") from None
         pre = TabularPreprocessor.load(path / "preprocessor.json")
-        est = AutoencoderReducer.load(path / "estimator", device=device)
+        try:
+            family = get_family(str(info.family))
+        except UnknownFamilyError as exc:
+            raise ValueError(f"{meta_path}: {exc}") from None
+        est = family.load(path / "estimator", device=device)
         if est.n_features_in_ != pre.n_features_out:
             raise ValueError(
                 f"{path}: the network expects {est.n_features_in_} inputs but the"

@@ -49,6 +49,8 @@ _FLOAT_RE = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
 _DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
 _NONFINITE_RE = r"(?i)^[+-]?(?:inf|infinity|nan)$"
 _NULL_STR = pa.scalar(None, pa.string())
+#: Largest magnitude a numeric cell may have: the model's float32 finite range.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # --------------------------------------------------------------------------- cells
@@ -165,6 +167,7 @@ class Parsed:
     text: pa.Array
     bad: np.ndarray | None = None
     nonfinite: np.ndarray | None = None
+    out_of_range: np.ndarray | None = None  # finite, but not a finite float32
 
 
 def parse_numeric(raw: pa.Array, decimal_comma: bool = False) -> Parsed:
@@ -201,7 +204,21 @@ def parse_numeric(raw: pa.Array, decimal_comma: bool = False) -> Parsed:
     if not pc.all(finite).as_py():  # nulls skipped: true unless inf/nan/overflow
         nonfinite = _mask(pc.invert(finite))
         values = pc.if_else(finite, values, pa.scalar(None, pa.float64()))
-    return Parsed(values=values, text=text, bad=bad, nonfinite=nonfinite)
+    # The model computes in float32: a larger magnitude would become inf there
+    # (and NaN after scaling), so such a cell rejects its row like junk does.
+    out_of_range = None
+    lo, hi = pc.min_max(values).values()
+    if lo.is_valid and (lo.as_py() < -FLOAT32_MAX or hi.as_py() > FLOAT32_MAX):
+        big = pc.greater(pc.abs(values), FLOAT32_MAX)
+        out_of_range = _mask(big)
+        values = pc.if_else(big, pa.scalar(None, pa.float64()), values)
+    return Parsed(
+        values=values,
+        text=text,
+        bad=bad,
+        nonfinite=nonfinite,
+        out_of_range=out_of_range,
+    )
 
 
 def _cast_floats(text: pa.Array) -> pa.Array:
@@ -241,6 +258,45 @@ def parse_date(raw: pa.Array) -> Parsed:
     return Parsed(values=values, text=text, bad=bad if bad.any() else None)
 
 
+#: Timestamps are stored in UTC, to the microsecond.
+TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
+# ISO 8601 date-time with a zone (Z or an offset): without one it is not an
+# instant, so a naive date-time stays text.
+_TIMESTAMP_RE = (
+    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:?\d{2})$"
+)
+
+
+def parse_timestamp(raw: pa.Array) -> Parsed:
+    """Parse zoned ISO 8601 date-times into UTC timestamps; others are bad.
+
+    ``text`` is the UTC form (``2024-01-01 09:00:00.000000Z``), so the same
+    instant written with another offset hashes (and keys) the same.
+    """
+    text = clean_text(raw)
+    shaped = pc.match_substring_regex(text, _TIMESTAMP_RE)
+    good = _mask(shaped)
+    valid = _mask(pc.is_valid(text))
+    try:
+        values = pc.cast(pc.if_else(shaped, text, _NULL_STR), TIMESTAMP_TYPE)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        # A well-shaped but impossible value (2024-02-30): cell by cell.
+        out = []
+        for cell, ok in zip(text.to_pylist(), good.tolist(), strict=True):
+            try:
+                out.append(pc.cast(pa.scalar(cell), TIMESTAMP_TYPE) if ok else None)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                out.append(None)
+        good = np.array([v is not None for v in out], bool)
+        values = pa.array(
+            [v.as_py() if v is not None else None for v in out], TIMESTAMP_TYPE
+        )
+    bad = valid & ~good
+    # Parsed cells as their UTC form; bad ones keep their text for the reason.
+    utc_text = pc.if_else(pc.is_valid(values), pc.cast(values, pa.string()), text)
+    return Parsed(values=values, text=utc_text, bad=bad if bad.any() else None)
+
+
 def parse_text(raw: pa.Array) -> Parsed:
     """Categorical or free-text cells: stripped, null markers as nulls."""
     text = clean_text(raw)
@@ -248,12 +304,35 @@ def parse_text(raw: pa.Array) -> Parsed:
 
 
 def parse_cells(kind: str, raw: pa.Array, decimal_comma: bool = False) -> Parsed:
-    """One column's cells typed by its kind (numeric, date, categorical, text)."""
+    """One column's cells typed by its kind (numeric, date, timestamp,
+    categorical, text)."""
     if kind == "numeric":
         return parse_numeric(raw, decimal_comma)
     if kind == "date":
         return parse_date(raw)
+    if kind == "timestamp":
+        return parse_timestamp(raw)
     return parse_text(raw)
+
+
+SHOW_CHARS = 60  # most characters of a user's value an error message quotes
+
+
+def show(value: object, limit: int = SHOW_CHARS) -> str:
+    """A value from the input as messages quote it: repr-escaped (no control
+    characters or line breaks get through) and cut to ``limit`` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 3]}... ({len(str(value))} chars)"
+
+
+#: What a cell of each parsed kind must look like, as reasons say it.
+EXPECTED = {
+    "numeric": "a number",
+    "date": "a date (YYYY-MM-DD)",
+    "timestamp": "a timestamp with a zone (YYYY-MM-DD HH:MM:SS+HH:MM or Z)",
+}
 
 
 @dataclass
@@ -267,19 +346,20 @@ class CellProblem:
 
 def cell_problems(name: str, kind: str, role: str, p: Parsed) -> list[CellProblem]:
     """The problems of one parsed column that reject a row (batch) or fill its
-    ``error`` (serving): junk, non-finite numbers, bad dates, missing keys."""
+    ``error`` (serving): junk, non-finite or out-of-float32-range numbers, bad
+    dates and timestamps, missing keys."""
     out = []
 
     def texts(idx: np.ndarray) -> list[object]:
         return p.text.take(pa.array(idx)).to_pylist()
 
     if p.bad is not None:
-        what = "a number" if kind == "numeric" else "a date (YYYY-MM-DD)"
+        what = EXPECTED[kind]
         out.append(
             CellProblem(
                 p.bad,
                 f"{name}: not {what}",
-                lambda idx: [f"{name}: {t!r} is not {what}" for t in texts(idx)],
+                lambda idx: [f"{name}: {show(t)} is not {what}" for t in texts(idx)],
             )
         )
     if p.nonfinite is not None:
@@ -288,7 +368,19 @@ def cell_problems(name: str, kind: str, role: str, p: Parsed) -> list[CellProble
                 p.nonfinite,
                 f"{name}: not a finite number",
                 lambda idx: [
-                    f"{name}: {t!r} is not a finite number" for t in texts(idx)
+                    f"{name}: {show(t)} is not a finite number" for t in texts(idx)
+                ],
+            )
+        )
+    if p.out_of_range is not None:
+        out.append(
+            CellProblem(
+                p.out_of_range,
+                f"{name}: outside the float32 range",
+                lambda idx: [
+                    f"{name}: {show(t)} is outside the float32 range"
+                    f" (magnitude at most {FLOAT32_MAX:.4g})"
+                    for t in texts(idx)
                 ],
             )
         )

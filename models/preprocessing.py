@@ -389,6 +389,11 @@ class PreprocessorStats:
         return out
 
 
+#: Bound of a scaled numeric value, in standard deviations. Training rows stay
+#: within sqrt(rows) of the mean, so this only ever bounds unseen extremes.
+MAX_SCALED = 1e6
+
+
 class TabularPreprocessor:
     """Impute, flag, scale and one-hot encode a table into a float32 matrix.
 
@@ -569,7 +574,11 @@ class TabularPreprocessor:
             x = _as_float(_column(data, name))
             miss = np.isnan(x)
             x[miss] = self.medians_[i]
-            out[:, j] = (x - self.means_[i]) / self.scales_[i]
+            # Clipped so that a value far outside what training saw stays a
+            # finite float32 (an extreme anomaly, never inf and then NaN).
+            with np.errstate(over="ignore"):
+                z = (x - self.means_[i]) / self.scales_[i]
+            out[:, j] = np.clip(z, -MAX_SCALED, MAX_SCALED)
             j += 1
             if self.has_missing_[i]:
                 indicators.append(miss)

@@ -86,7 +86,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import task
 
-from models.cells import CellProblem, cell_problems, parse_cells
+from models import columns as cols
+from models.cells import SHOW_CHARS as _SHOW_CHARS
+from models.cells import TIMESTAMP_TYPE, CellProblem, cell_problems, parse_cells
+from models.cells import show as _show
 from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
 from tasks.policy import IO
 from tasks.storage import StagedPartition, validate_dataset_name
@@ -99,9 +102,11 @@ from tasks.validate import (
     compile_rules,
     date_share,
     hash_text,
+    implied_kind,
     numeric_share,
     occurrence_hash,
     parse_rule,
+    timestamp_share,
 )
 
 __all__ = [
@@ -131,10 +136,10 @@ WEATHERAUS_RULES: tuple[str, ...] = (
     "RainTomorrow in {No, Yes}",
 )
 
-KINDS = ("numeric", "categorical", "date", "text")
+KINDS = ("numeric", "categorical", "date", "timestamp", "text")
 ROLES = ("key", "feature", "label", "excluded")
 
-ROW_ID = "_row_id"
+ROW_ID = cols.ROW_ID
 ROW_NUMBER = "_row_number"
 SOURCE_FILE = "_source_file"
 REJECT_REASON = "_reject_reason"
@@ -162,7 +167,7 @@ class ColumnSpec:
     """One column: its name, kind and role in the model."""
 
     name: str
-    kind: str  # "numeric" | "categorical" | "date" | "text"
+    kind: str  # "numeric" | "categorical" | "date" | "timestamp" | "text"
     role: str  # "key" | "feature" | "label" | "excluded"
 
     def __post_init__(self) -> None:
@@ -329,8 +334,36 @@ def _is_data_file(path: Path) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
+    # Library messages may quote the input (a CSV row, a footer): capped.
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text[0]
+    return line if len(line) <= _SHOW_CHARS * 2 else line[: _SHOW_CHARS * 2] + "..."
+
+
+def _clip(value: object, limit: int = _SHOW_CHARS) -> str:
+    """``str(value)`` cut to ``limit`` characters, for values in reject reasons."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show_names(names: Sequence[str], budget: int = 160) -> str:
+    """Column names for "the header has: ..." messages, ``budget`` characters
+    at most: plain ones as they are, others repr-escaped and capped."""
+
+    def one(name: str) -> str:
+        return name if name.isprintable() and len(name) <= 40 else _show(name, 40)
+
+    shown: list[str] = []
+    used = 0
+    for name in names:
+        text = one(name)
+        if used + len(text) > budget:
+            return ", ".join(shown) + f" ... ({len(names)} columns)"
+        shown.append(text)
+        used += len(text) + 2
+    return ", ".join(shown)
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -526,19 +559,23 @@ def _clean_names(names: list[str], path: Path, warnings: list[str]) -> list[str]
         name = name.strip().lstrip("\ufeff").strip()
         if not name:
             name = f"unnamed_{i}"
-            warnings.append(f"{path}: column {i + 1} has no name; called it {name!r}")
+            warnings.append(
+                f"{path}: column {i + 1} has no name; called it {_show(name)}"
+            )
         out.append(name)
     counts = Counter(out)
     dups = [n for n in counts if counts[n] > 1]
     if dups:
         cols = {n: [str(i + 1) for i, m in enumerate(out) if m == n] for n in dups}
-        where = "; ".join(f"{n!r} (columns {', '.join(cols[n])})" for n in dups)
+        where = "; ".join(
+            f"{_show(n)} (columns {', '.join(cols[n])})" for n in dups[:5]
+        )
         raise InputError(f"{path}: duplicated column names in the header: {where}")
     reserved = [n for n in out if n in _RESERVED]
     if reserved:
         raise InputError(
-            f"{path}: column name {reserved[0]!r} is reserved for ingestion output;"
-            " rename it"
+            f"{path}: column name {_show(reserved[0])} is reserved for ingestion"
+            " output; rename it"
         )
     return out
 
@@ -605,9 +642,9 @@ class _CsvSource:
             ) from None
         if not header:
             raise InputError(f"{path} is empty (only blank lines)")
-        if any("\n" in h or "\r" in h for h in header) or (
-            consumed >= len(text) and not whole
-        ):
+        # RFC 4180 allows commas and line breaks inside a quoted name; what
+        # cannot be is an odd number of quotes: one was never closed.
+        if text[:consumed].count('"') % 2 or (consumed >= len(text) and not whole):
             raise InputError(
                 f'{path}: the header row never ends: a quote (") is not closed, or'
                 f" the header is longer than {_HEAD_BYTES} bytes"
@@ -615,7 +652,14 @@ class _CsvSource:
         self.names = _clean_names(header, path, self.warnings)
         self.encoding = encoding
         self.stream = _Utf8Stream(raw, head, encoding)
-        self.stream.skip(len(text[:consumed].encode("utf-8")))
+        try:
+            self.stream.skip(len(text[:consumed].encode("utf-8")))
+        except UnicodeDecodeError:
+            raise InputError(
+                f"{path}: not valid {encoding} text in its first row; expected CSV"
+                " text (UTF-8/Latin-1, or UTF-16/32 with a byte-order mark),"
+                " .csv.gz or Parquet"
+            ) from None
         # A block must hold a whole row; tiny test blocks still stream.
         longest = max((len(ln) for ln in text.splitlines()[:1000]), default=0)
         self.block_size = max(
@@ -623,7 +667,10 @@ class _CsvSource:
         )
 
     def _check_text(self, text: str, head: bytes) -> None:
-        controls = len(_CONTROL_RE.findall(text))
+        # Undecodable bytes (U+FFFD after decoding) count like control
+        # characters: random bytes behind a UTF-16 byte-order mark decode to
+        # printable CJK characters and many of those.
+        controls = len(_CONTROL_RE.findall(text)) + text.count("\ufffd")
         if "\x00" in text or controls > max(8, len(text) // 100):
             # ASCII text in UTF-16 is every other byte NUL.
             nul_share = head[:_SNIFF_BYTES].count(0) / min(len(head), _SNIFF_BYTES)
@@ -868,6 +915,9 @@ def _as_text(col: pa.Array) -> pa.Array:
     # and checks agree; floats print shortest-roundtrip, NaN as "nan" (missing).
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
+    if pa.types.is_timestamp(col.type) and col.type.tz is not None:
+        # Zoned instants as UTC text ("...Z"): typed as timestamps, in UTC.
+        col = pc.cast(col, pa.timestamp("us", tz="UTC"), safe=False)
     return col if col.type == pa.string() else pc.cast(col, pa.string())
 
 
@@ -1174,12 +1224,15 @@ class _Ingestion:
         try:
             sample, buffered = self._sample(stream)
             self.schema = self._build_schema(sample, first.path)
+            _check_output_names(self.schema, first.path)
             del sample  # its slices pin the first block's buffers
             kinds = {c.name: c.kind for c in self.schema.columns}
             self.rules = compile_rules(self.rules_parsed, kinds)
             self.raw_index = {n: i for i, n in enumerate(self.names)}
             key_cols = self.schema.keys
-            self.id_columns = key_cols or self.schema.names
+            # By name, not by position: the same rows with their columns in
+            # another order get the same ids.
+            self.id_columns = sorted(key_cols or self.schema.names)
             self.seen = _SeenSet(with_positions=bool(key_cols))
             with (
                 StagedPartition(
@@ -1289,7 +1342,7 @@ class _Ingestion:
                     f" label {exp.label!r}"
                 )
             return
-        shown = ", ".join(self.names[:30]) + (" ..." if len(self.names) > 30 else "")
+        shown = _show_names(self.names)
         for what, names in (
             ("key", self.keys_arg or []),
             ("feature", self.features_arg or []),
@@ -1298,8 +1351,8 @@ class _Ingestion:
             for name in names:
                 if name not in present:
                     raise InputError(
-                        f"{path}: {what} column {name!r} not found; the header has:"
-                        f" {shown}"
+                        f"{path}: {what} column {_show(name)} not found; the header"
+                        f" has: {shown}"
                     )
         roles = Counter(
             [
@@ -1312,7 +1365,7 @@ class _Ingestion:
         clash = [n for n, k in roles.items() if k > 1]
         if clash:
             raise ConfigError(
-                f"column {clash[0]!r} is given more than one role (keys, features,"
+                f"column {_show(clash[0])} is given more than one role (keys, features,"
                 " exclude, label)"
             )
         unknown = [n for n in self.exclude if n not in present]
@@ -1337,7 +1390,7 @@ class _Ingestion:
                 )
             return TableSchema(tuple(exp.column(n) for n in self.names if n in exp))
         clean = {n: clean_text(a) for n, a in sample.items()}
-        kinds = {n: self._infer_kind(clean[n]) for n in self.names}
+        kinds = {n: self._infer_kind(n, clean[n]) for n in self.names}
         keys = self.keys_arg
         if keys is None:
             keys = self._infer_keys(clean, kinds)
@@ -1356,18 +1409,22 @@ class _Ingestion:
                 if role == "feature" and kind == "text":
                     kind = "categorical"  # asked for as a feature: treat as one
             else:
-                role = "excluded" if kind in ("text", "date") else "feature"
+                role = "excluded" if kind in _NOT_FEATURES else "feature"
             specs.append(ColumnSpec(name, kind, role))
         return TableSchema(tuple(specs))
 
-    def _infer_kind(self, text: pa.Array) -> str:
+    def _infer_kind(self, name: str, text: pa.Array) -> str:
         n = len(text) - text.null_count
         if n == 0:
-            return "numeric"  # nothing to go by; flagged as entirely missing later
+            # Nothing to go by: what the rules compare it with, else numeric;
+            # flagged as entirely missing later.
+            return implied_kind(self.rules_parsed, name, self.names)
         if numeric_share(text, self.delimiters[0] == ";") >= _PARSE_SHARE:
             return "numeric"
         if date_share(text) >= _PARSE_SHARE:
             return "date"
+        if timestamp_share(text) >= _PARSE_SHARE:
+            return "timestamp"
         distinct = pc.count_distinct(text).as_py()
         limit = max(20, min(_CATEGORICAL_LIMIT, n // 2))
         return "categorical" if distinct <= limit else "text"
@@ -1383,7 +1440,7 @@ class _Ingestion:
             and clean[n].null_count == 0
             and len(clean[n])
         ]
-        dates = [n for n in usable if kinds[n] == "date"]
+        dates = [n for n in usable if kinds[n] in ("date", "timestamp")]
         rows = len(clean[self.names[0]])
         if not dates:
             self.warnings.append(
@@ -1583,7 +1640,7 @@ class _Ingestion:
                 where_txt = f"row {row}" + (
                     f" of {self.files[ffi]}" if ffi != fi else ""
                 )
-                vals = ", ".join(str(c[j]) for c in cols)
+                vals = ", ".join(_clip(c[j]) for c in cols)
                 out.append(
                     f"duplicate key ({', '.join(keys)}) = ({vals}) first seen at"
                     f" {where_txt}"
@@ -1745,18 +1802,25 @@ class _Ingestion:
                 continue
             count, first, varied = self.stats.get(c.name, [0, None, False])
             if count == 0:
-                self.warnings.append(f"column {c.name!r} is entirely missing")
+                self.warnings.append(f"column {_show(c.name)} is entirely missing")
             elif not varied:
                 value = first.as_py()
-                self.warnings.append(f"column {c.name!r} is constant ({value!r})")
+                self.warnings.append(
+                    f"column {_show(c.name)} is constant ({_show(value)})"
+                )
 
 
 _ARROW_TYPES = {
     "numeric": pa.float64(),
     "date": pa.date32(),
+    "timestamp": TIMESTAMP_TYPE,
     "categorical": pa.string(),
     "text": pa.string(),
 }
+
+
+# Kinds that are never features unless asked for (keys or context columns).
+_NOT_FEATURES = ("text", "date", "timestamp")
 
 
 def _chain(
@@ -1769,6 +1833,21 @@ def _chain(
     yield from rest
 
 
+def _check_output_names(schema: TableSchema, path: Path) -> None:
+    """Key columns are copied into latent/, every column into ingested/: none
+    may take the name of a column latentflow writes there."""
+    for c in schema.columns:
+        clash = c.name == cols.PARTITION or (
+            c.role == "key" and cols.is_output_column(c.name)
+        )
+        if clash:
+            what = "key column" if c.role == "key" else "column"
+            raise InputError(
+                f"{path}: {what} {_show(c.name)} has the name of an output column;"
+                f" reserved: {cols.describe_output_columns()}; rename it"
+            )
+
+
 def _header_mismatch(path: Path, names: list[str], first: Path, want: list[str]) -> str:
     missing = [n for n in want if n not in names]
     extra = [n for n in names if n not in want]
@@ -1776,9 +1855,9 @@ def _header_mismatch(path: Path, names: list[str], first: Path, want: list[str])
         return f"{path}: same columns as {first} but in a different order"
     parts = []
     if missing:
-        parts.append(f"missing {', '.join(missing)}")
+        parts.append(f"missing {_show_names(missing)}")
     if extra:
-        parts.append(f"extra {', '.join(extra)}")
+        parts.append(f"extra {_show_names(extra)}")
     return f"{path}: header differs from {first}: {'; '.join(parts)}"
 
 
@@ -1838,7 +1917,7 @@ def _rule_problem(
         vals = {c: parsed[c].text.take(take).to_pylist() for c in rule.columns}
         return [
             f"rule {rule.text!r} violated ("
-            + ", ".join(f"{c}={vals[c][j]}" for c in rule.columns)
+            + ", ".join(f"{c}={_clip(vals[c][j])}" for c in rule.columns)
             + ")"
             for j in range(len(idx))
         ]

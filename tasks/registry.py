@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +43,13 @@ from models.serving import (
     verify_model_dir,
 )
 from tasks.decide import ChampionInfo
-from tasks.errors import RegistryError, TamperError
+from tasks.errors import (
+    SQLITE_BUSY_CODES,
+    RegistryError,
+    TamperError,
+    describe_fault,
+    sqlite_code,
+)
 from tasks.faults import checkpoint
 from tasks.policy import PLAIN
 
@@ -84,11 +91,26 @@ def configure(data_dir: Path) -> str:
     return uri
 
 
+def _store_file() -> str | None:
+    """The SQLite file behind the tracking URI, as error messages name it."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return f"MLflow store {uri.removeprefix('sqlite:///')}"
+
+
 def _safe(
     what: str, fn: Callable[[], _T], attempts: int = 3, backoff: float = 1.0
 ) -> _T:
-    """Run a registry call with bounded retries; raise RegistryError at the end."""
+    """Run a registry call with bounded retries; raise RegistryError at the end.
+
+    A corrupt or unwritable store fails at once; a locked one (another
+    process holds the SQLite file) is retried like a server that is down.
+    """
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     last: Exception | None = None
     for i in range(attempts):
@@ -98,12 +120,21 @@ def _safe(
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
             last = exc
-        except (OSError, ConnectionError) as exc:
+        except (OSError, ConnectionError, SQLAlchemyError, sqlite3.Error) as exc:
             last = exc
+        if (
+            describe_fault(last) is not None
+            and sqlite_code(last) not in SQLITE_BUSY_CODES
+        ):
+            break  # retrying cannot fix a corrupt, full or read-only store
         if i + 1 < attempts:
             time.sleep(backoff * 2**i)
-    first = str(last).splitlines()[0][:300] if last else "unknown error"
-    raise RegistryError(f"MLflow registry failed to {what}: {first}")
+    assert last is not None
+    fault = describe_fault(last, database=_store_file())
+    if fault is not None:
+        raise RegistryError(f"MLflow registry failed to {what}: {fault}") from last
+    first = str(last).splitlines()[0][:300] if str(last) else type(last).__name__
+    raise RegistryError(f"MLflow registry failed to {what}: {first}") from last
 
 
 def ensure_experiment(dataset: str, data_dir: Path) -> str:
@@ -202,7 +233,7 @@ def find_champion(name: str, cache_dir: Path) -> ChampionInfo | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
+    client = _safe("open the tracking store", MlflowClient)
     try:
         mv = _safe(
             f"look up {name}@{CHAMPION}",
@@ -253,6 +284,8 @@ def model_params(model: LatentModel) -> dict[str, Any]:
     """The settings that define a model, comparable with the requested ones."""
     skip = {"device", "verbose", "epoch_callback"}
     params = {k: v for k, v in model.estimator.get_params().items() if k not in skip}
+    # A family whose settings do not name it is still told apart from another.
+    params.setdefault("kind", model.info.family)
     centers = model.info.cluster_centers
     params["n_clusters"] = len(centers) if centers else None
     return params
@@ -316,7 +349,7 @@ def log_and_register(
     model = LatentModel.load(bundle_dir)
     example = _signature_example(model, sample)
     signature = _signature(model, example)
-    client = MlflowClient()
+    client = _safe("open the tracking store", MlflowClient)
 
     def run() -> RegisteredVersion:
         with mlflow.start_run(experiment_id=experiment_id, tags=tags) as active:
@@ -415,7 +448,7 @@ def promote(name: str, version: int, cache_dir: Path) -> None:
     registry's record and load completely."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = _safe("open the tracking store", MlflowClient)
     mv = _safe(
         f"look up {name} v{version}",
         lambda: client.get_model_version(name, str(version)),
@@ -445,7 +478,7 @@ def tag_version(name: str, version: int, run_id: str, tags: dict[str, str]) -> N
     """Record a decision on both the model version and its MLflow run."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = _safe("open the tracking store", MlflowClient)
 
     def write() -> None:
         for k, v in tags.items():

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
+from models import columns as cols
 from models.bundle import LatentModel
 from models.integrity import MANIFEST, IntegrityError
 from tasks.errors import SchemaError, TamperError
@@ -105,18 +106,18 @@ def output_schema(
     keys: list[tuple[str, pa.DataType]], latent_dim: int, with_cluster: bool
 ) -> pa.Schema:
     """The latent/ contract: _row_id, keys, latent_*, recon_error, is_anomaly, model."""
-    fields = [pa.field("_row_id", pa.int64(), nullable=False)]
+    fields = [pa.field(cols.ROW_ID, pa.int64(), nullable=False)]
     fields += [pa.field(k, t) for k, t in keys]
-    fields += [pa.field(f"latent_{i}", pa.float32()) for i in range(latent_dim)]
+    fields += [pa.field(cols.latent_name(i), pa.float32()) for i in range(latent_dim)]
     fields += [
-        pa.field("recon_error", pa.float32()),
-        pa.field("is_anomaly", pa.bool_()),
+        pa.field(cols.RECON_ERROR, pa.float32()),
+        pa.field(cols.IS_ANOMALY, pa.bool_()),
     ]
     if with_cluster:
-        fields.append(pa.field("cluster", pa.int32()))
+        fields.append(pa.field(cols.CLUSTER, pa.int32()))
     fields += [
-        pa.field("model_name", pa.string()),
-        pa.field("model_version", pa.int32()),
+        pa.field(cols.MODEL_NAME, pa.string()),
+        pa.field(cols.MODEL_VERSION, pa.int32()),
     ]
     return pa.schema(fields)
 
@@ -348,12 +349,13 @@ def score_unit(
             n = batch.num_rows
             if n == 0:
                 continue
-            latent, err, flag = model.score(batch)
+            scores = model.score(batch)
+            err, flag = scores.score, scores.is_anomaly
             arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
             arrays += [batch.column(k) for k in keys]
-            arrays += [pa.array(latent[:, i]) for i in range(latent.shape[1])]
+            arrays += [pa.array(col) for col in scores.latent.T]
             arrays += [pa.array(err), pa.array(flag)]
-            labels = model.clusters(latent)
+            labels = model.clusters(scores.latent)
             if labels is not None:
                 arrays.append(pa.array(labels))
             arrays += [

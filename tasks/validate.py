@@ -34,6 +34,7 @@ from models.cells import (
     _DATE_RE,
     _FLOAT_RE,
     _NULL_STR,
+    _TIMESTAMP_RE,
     NULL_MARKERS,
     Parsed,
     _mask,
@@ -41,8 +42,20 @@ from models.cells import (
     parse_date,
     parse_numeric,
     parse_text,
+    parse_timestamp,
 )
 from tasks.errors import ConfigError
+
+
+def timestamp_share(text: pa.Array) -> float:
+    """Share of the non-null cells that are zoned ISO date-times (inference)."""
+    n = len(text) - text.null_count
+    if n == 0:
+        return 0.0
+    matching = pc.sum(pc.match_substring_regex(text, _TIMESTAMP_RE)).as_py() or 0
+    if matching < _MIN_SHARE_FOR_CAST * n:
+        return matching / n
+    return (len(text) - parse_timestamp(text).values.null_count) / n
 
 
 def numeric_share(text: pa.Array, decimal_comma: bool = False) -> float:
@@ -364,6 +377,10 @@ class CompiledRule:
 
     def _column(self, op: _Operand, kinds: Mapping[str, str]) -> _Bound | None:
         if op.kind in ("col", "word") and op.value in kinds:
+            if kinds[op.value] == "timestamp":
+                raise self._err(
+                    f"{op.value} is a timestamp: rules on timestamps are not supported"
+                )
             return _Bound(op.value, kind=kinds[op.value])
         if op.kind == "col":
             raise self._err(f"unknown column {op.value!r}")
@@ -464,6 +481,41 @@ def _family(kind: str) -> str:
     return kind if kind in ("numeric", "date") else "text"
 
 
+def implied_kind(rules: Sequence[Rule], column: str, names: Sequence[str]) -> str:
+    """The kind the rules treat ``column`` as: what a column that has no value
+    to infer its kind from is typed as ("numeric" when no rule says more).
+
+    A column compared with a number is numeric, with an ISO date a date, with
+    any other word or string categorical (``RainTomorrow in {No, Yes}``).
+    """
+    known = set(names)
+
+    def literal_kind(op: _Operand) -> str | None:
+        if op.kind in ("col", "word") and op.value in known:
+            return None  # another column
+        if op.kind == "num":
+            return "numeric"
+        if re.fullmatch(_DATE_RE, str(op.value)):
+            return "date"
+        return "categorical"
+
+    def is_it(op: _Operand) -> bool:
+        return op.kind in ("col", "word") and op.value == column
+
+    for rule in rules:
+        for cond in (rule.when, rule.cond):
+            if isinstance(cond, _InSet) and is_it(cond.operand):
+                found = [literal_kind(v) for v in cond.values]
+            elif isinstance(cond, _Compare) and any(is_it(t) for t in cond.terms):
+                found = [literal_kind(t) for t in cond.terms if not is_it(t)]
+            else:
+                continue
+            for kind in found:
+                if kind is not None:
+                    return kind
+    return "numeric"
+
+
 def compile_rules(
     rules: Sequence[Rule], kinds: Mapping[str, str]
 ) -> list[CompiledRule]:
@@ -481,6 +533,7 @@ __all__ = [
     "compile_rules",
     "date_share",
     "hash_text",
+    "implied_kind",
     "mix64",
     "numeric_share",
     "occurrence_hash",
@@ -488,4 +541,6 @@ __all__ = [
     "parse_numeric",
     "parse_rule",
     "parse_text",
+    "parse_timestamp",
+    "timestamp_share",
 ]

@@ -1,0 +1,46 @@
+"""Names of the columns latentflow writes: the one list of them.
+
+The scorer (:func:`tasks.score.output_schema`), the pyfunc output
+(:meth:`models.bundle.LatentModel.predict_frame`) and ingest's check of input
+names all use these, so an input column can never shadow an output column.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROW_ID = "_row_id"
+RECON_ERROR = "recon_error"
+IS_ANOMALY = "is_anomaly"
+CLUSTER = "cluster"
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"
+#: The hive partition column of every output dataset (``run_date=<date>/``).
+PARTITION = "run_date"
+LATENT_PREFIX = "latent_"
+
+#: Fixed names in the latent/ output besides the key columns and latent_<i>.
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    ROW_ID,
+    RECON_ERROR,
+    IS_ANOMALY,
+    CLUSTER,
+    MODEL_NAME,
+    MODEL_VERSION,
+    PARTITION,
+)
+_LATENT_RE = re.compile(rf"{LATENT_PREFIX}\d+")
+
+
+def latent_name(i: int) -> str:
+    return f"{LATENT_PREFIX}{i}"
+
+
+def is_output_column(name: str) -> bool:
+    """True for a name latentflow writes next to the key columns."""
+    return name in OUTPUT_COLUMNS or _LATENT_RE.fullmatch(name) is not None
+
+
+def describe_output_columns() -> str:
+    """The reserved names, as an error message lists them."""
+    return ", ".join([ROW_ID, f"{LATENT_PREFIX}<n>", *OUTPUT_COLUMNS[1:]])

@@ -1,0 +1,83 @@
+"""Which exceptions are environmental faults, decided on types and codes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from tasks.errors import EnvironmentFault, InputError, describe_fault
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as exc:  # the point is to inspect it
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_corrupt_sqlite_through_sqlalchemy(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(os.urandom(4096))
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+
+    def query() -> None:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT * FROM sqlite_master"))
+
+    fault = describe_fault(_raised(query), database=f"MLflow store {db}")
+    assert isinstance(fault, EnvironmentFault)
+    assert str(fault).startswith(f"MLflow store {db} is not a SQLite database")
+
+
+def test_locked_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        other = sqlite3.connect(db, timeout=0.05)
+        exc = _raised(lambda: other.execute("SELECT * FROM t").fetchall())
+        other.close()
+    finally:
+        holder.close()
+    assert "is locked by another process" in str(describe_fault(exc))
+    assert "retry later" in str(describe_fault(exc))
+
+
+def test_path_through_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    exc = _raised(lambda: (tmp_path / "file" / "sub").mkdir(parents=True))
+    msg = str(describe_fault(exc))
+    assert msg.startswith("not a directory (ENOTDIR):") and str(tmp_path) in msg
+    exc = _raised(lambda: (tmp_path / "file").mkdir(exist_ok=True))
+    assert str(describe_fault(exc)) == (
+        f"{tmp_path / 'file'} exists and is not a directory; expected a directory there"
+    )
+
+
+def test_user_errors_pass_through_and_bugs_are_not_faults(tmp_path: Path) -> None:
+    err = InputError("bad cell")
+    assert describe_fault(RuntimeError("wrapped")) is None
+    assert describe_fault(ValueError("x")) is None
+    assert describe_fault(_raised((tmp_path / "missing").read_bytes)) is None
+    try:
+        try:
+            raise err
+        except InputError as inner:
+            raise RuntimeError("engine") from inner
+    except RuntimeError as outer:
+        assert describe_fault(outer) is err
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES"])
+def test_errno_without_a_file_name_names_the_data_dir(code: str) -> None:
+    import errno
+
+    exc = OSError(getattr(errno, code), "pyarrow: write failed")
+    msg = str(describe_fault(exc, where="/data/lf"))
+    assert f"({code}): under /data/lf" in msg

@@ -99,6 +99,9 @@ def _quiet_logging() -> None:
     # some of it with a traceback (a connection closed at shutdown).
     logging.getLogger("distributed").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
+    # MLflow logs a traceback for each SQLite "database is locked" before raising;
+    # the registry retries those and reports a final failure in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 class _NoUserErrorTracebacks(logging.Filter):

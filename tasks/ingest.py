@@ -59,7 +59,6 @@ from __future__ import annotations
 import atexit
 import codecs
 import csv
-import glob
 import gzip
 import io
 import json
@@ -89,6 +88,8 @@ from prefect import task
 from models import columns as cols
 from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
 from tasks.policy import IO
+from tasks.presets import WEATHERAUS_RULES
+from tasks.sources import resolve_sources as _resolve_sources
 from tasks.storage import StagedPartition, validate_dataset_name
 from tasks.validate import (
     FLOAT32_MAX,
@@ -123,22 +124,6 @@ __all__ = [
     "ingest_task",
 ]
 
-#: Domain rules that hold on every row of the real weatherAUS.csv (145,460 rows).
-#: Rain: the BoM sets RainToday = Yes iff Rainfall > 1 mm (exactly 1.0 is "No").
-#: Cloud is in oktas 0-8 with 9 = "sky obscured", so the range is 0-9.
-WEATHERAUS_RULES: tuple[str, ...] = (
-    "MinTemp <= MaxTemp",
-    "0 <= Humidity9am <= 100",
-    "0 <= Humidity3pm <= 100",
-    "0 <= Cloud9am <= 9",
-    "0 <= Cloud3pm <= 9",
-    "Rainfall >= 0",
-    "if Rainfall > 1 then RainToday == Yes",
-    "if Rainfall <= 1 then RainToday == No",
-    "RainToday in {No, Yes}",
-    "RainTomorrow in {No, Yes}",
-)
-
 KINDS = ("numeric", "categorical", "date", "timestamp", "text")
 ROLES = ("key", "feature", "label", "excluded")
 
@@ -156,7 +141,6 @@ _CATEGORICAL_LIMIT = 1000
 _HEAD_BYTES = 1 << 20  # the header must fit in the first MiB
 _SNIFF_BYTES = 1 << 16  # encoding/binary/delimiter checks look at this much
 _READ_AHEAD = 1  # CSV blocks pyarrow may read beyond the one handed out
-_DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
 _MAX_KEY_TRIES = 5000
 # Workers parsing a block's columns; the floor's CSV reader uses every core too.
 _PARSE_THREADS = max(2, min(8, os.cpu_count() or 2))
@@ -303,37 +287,6 @@ class _Retry(Exception):
         super().__init__(str(path))
         self.path = path
         self.hints = hints
-
-
-def _resolve_sources(source: str | Path) -> list[Path]:
-    """The data files ``source`` names: a file, a directory of them, or a glob."""
-    text = str(source)
-    path = Path(text)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
-        if not files:
-            raise InputError(
-                f"directory {path} has no data files: expected *.csv, *.csv.gz or"
-                " *.parquet"
-            )
-        return files
-    if path.exists():
-        if not path.is_file():
-            raise InputError(f"input {path} is not a regular file")
-        return [path]
-    if glob.has_magic(text):
-        matches = sorted(Path(p) for p in glob.glob(text))
-        files = [p for p in matches if p.is_file() and _is_data_file(p)]
-        if not files:
-            raise InputError(
-                f"no data files match {text!r}: expected *.csv, *.csv.gz or *.parquet"
-            )
-        return files
-    raise InputError(f"input file {path} does not exist")
-
-
-def _is_data_file(path: Path) -> bool:
-    return path.name.lower().endswith(_DATA_SUFFIXES)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -34,3 +34,11 @@ class RegistryError(LatentflowError):
 
 class AlreadyRunningError(LatentflowError):
     """Another run holds the lock for this dataset and run date."""
+
+
+class UnsafePathError(ConfigError):
+    """A path the run would write, rename or delete leaves the data dir.
+
+    Raised for a symbolic link inside the data dir on such a path: a run never
+    follows one out of the data dir, nor deletes through one.
+    """

@@ -107,9 +107,10 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         DatasetLock(data_dir, dataset, cfg.lock_wait_seconds),
         RunOutputs(data_dir) as outputs,
     ):
-        rolled = clean_stale_staging(data_dir, dataset)
-        if rolled:
-            logger.info("removed %d staging leftovers of killed runs", rolled)
+        # Finishes a commit a killed run cut short, then drops its leftovers.
+        removed = clean_stale_staging(data_dir, dataset)
+        if removed:
+            logger.info("removed %d staging leftovers of killed runs", removed)
         registry.configure(data_dir)
         champion = find_champion_task.with_options(task_run_name=f"champion-{tag}")(
             cfg.model_name, cache_dir

@@ -127,7 +127,7 @@ def check_path(data_dir: Path, path: Path) -> Path:
             raise UnsafePathError(
                 f"{current} is a symbolic link (to {os.readlink(current)}); runs never"
                 f" follow or delete through links inside the data dir {base}:"
-                " replace it with a plain directory"
+                " replace the link with a plain directory"
             )
     return base / rel
 
@@ -159,20 +159,18 @@ def check_run_paths(data_dir: Path, dataset: str, run_date: date) -> None:
     check_path(base, base / ".locks" / f"{dataset}.lock")
     check_path(base, base / "mlartifacts" / dataset)
     check_tree(base, base / ".cache")
-    root = base / ".staging"
-    if root.is_dir():
-        for entry in root.iterdir():
-            check_path(base, entry)
 
 
 def remove_tree(data_dir: Path, path: Path) -> None:
     """Delete ``path`` (a directory or file) under ``data_dir``, never through a link.
 
-    The path and its parents are checked first; below it, ``shutil.rmtree``
-    removes links themselves, never what they point at (its fd-based walk,
-    ``rmtree.avoids_symlink_attacks``, is what Linux gets).
+    Its parents are checked first (:func:`check_path`); a link at ``path`` is
+    removed itself, and below it ``shutil.rmtree`` too removes links, never
+    what they point at (its fd-based walk, ``rmtree.avoids_symlink_attacks``,
+    is what Linux gets).
     """
-    target = check_path(data_dir, path)
+    target = Path(os.path.abspath(path))
+    check_path(data_dir, target.parent)
     try:
         st = os.lstat(target)
     except FileNotFoundError:

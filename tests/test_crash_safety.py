@@ -291,7 +291,8 @@ def test_sigkill_mid_commit_is_rolled_forward(first_run, stage, seed):
     _csv, data, _ = first_run
     old_view = run_date_view(data)
     assert_consistent(old_view)
-    new_csv = other_input(data.parent, 3000, seed=seed)
+    # Keys come from the row count, not the seed: each case has its own count.
+    new_csv = other_input(data.parent, 1000 + 100 * seed, seed=seed)
     rc, out, err = finish(
         start(new_csv, data, "--run-date", DATE, LATENTFLOW_CRASH_AT=stage)
     )

@@ -127,7 +127,7 @@ def check_path(data_dir: Path, path: Path) -> Path:
             raise UnsafePathError(
                 f"{current} is a symbolic link (to {os.readlink(current)}); runs never"
                 f" follow or delete through links inside the data dir {base}:"
-                " replace the link with a plain directory"
+                " replace the link with the real directory or file"
             )
     return base / rel
 

@@ -30,7 +30,12 @@ applied):
   (default ``<repo>/../shared/data/weatherAUS.csv``);
 - ``LATENTFLOW_ON_DEMAND_INPUT``: an optional default input for the on-demand
   deployment (otherwise the person starting a run fills it in);
-- ``LATENTFLOW_FLOW_TIMEOUT_SECONDS``: flow-run timeout (default 21600).
+- ``LATENTFLOW_FLOW_TIMEOUT_SECONDS``: flow-run timeout (default 21600);
+- ``LATENTFLOW_INPUT_ROOTS`` / ``LATENTFLOW_DATA_ROOTS`` (os.pathsep-separated):
+  where runs of these deployments may read inputs and write data dirs; by
+  default (:func:`confinement_env`) the data dir, its ``input/`` folder and
+  the nightly's input file. Every run from a deployment is held to them (see
+  :func:`flows.config.confinement`), whatever its parameters say.
 """
 
 from __future__ import annotations
@@ -96,6 +101,32 @@ def default_weatheraus_csv() -> Path:
     path = Path(raw) if raw else REPO.parent / "shared" / "data" / "weatherAUS.csv"
     # Absolute: served runs start in a temporary working directory.
     return path.expanduser().resolve()
+
+
+def confinement_env(
+    data_dir: Path | str | None = None,
+    inputs: list[Path | str | None] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """``LATENTFLOW_INPUT_ROOTS`` / ``LATENTFLOW_DATA_ROOTS`` for the hosts that run
+    the deployments: those already set in ``env`` (default ``os.environ``) are
+    kept, others default to the data dir, ``<data-dir>/input`` and ``inputs``
+    (the nightly's file, ``LATENTFLOW_ON_DEMAND_INPUT``).
+    """
+    from flows.config import DATA_ROOTS_ENV, INPUT_ROOTS_ENV, INPUT_SUBDIR
+
+    env = dict(os.environ if env is None else env)
+    data = str(data_dir or default_data_dir())
+    if inputs is None:
+        inputs = [
+            default_weatheraus_csv(),
+            os.environ.get("LATENTFLOW_ON_DEMAND_INPUT"),
+        ]
+    roots = [f"{data.rstrip('/')}/{INPUT_SUBDIR}", *(str(p) for p in inputs if p)]
+    return {
+        DATA_ROOTS_ENV: env.get(DATA_ROOTS_ENV) or data,
+        INPUT_ROOTS_ENV: env.get(INPUT_ROOTS_ENV) or os.pathsep.join(roots),
+    }
 
 
 def one_at_a_time() -> ConcurrencyLimitConfig:

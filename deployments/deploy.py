@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,11 @@ def apply(
     weatheraus_csv: str | None = None,
 ) -> list[str]:
     """Register both deployments on ``pool``; returns their full names."""
-    from deployments.definitions import build_deployments
+    from deployments.definitions import (
+        build_deployments,
+        confinement_env,
+        default_weatheraus_csv,
+    )
 
     job_variables: dict[str, Any] = {}
     if pool == GPU_POOL:
@@ -100,6 +105,12 @@ def apply(
         weatheraus_csv = weatheraus_csv or f"{GPU_DATA_DIR}/input/weatherAUS.csv"
     if image:
         job_variables["image"] = image
+    # The worker's runs are confined to these roots. Job variables can be
+    # overridden per run through the API, so the API needs auth on this path
+    # (see docs/operations.md, "Serving safely").
+    job_variables["env"] = confinement_env(
+        data_dir, [weatheraus_csv or default_weatheraus_csv()]
+    )
     deployments = build_deployments(
         data_dir=data_dir,
         weatheraus_csv=weatheraus_csv,
@@ -117,8 +128,11 @@ def serve(*, limit: int | None = None) -> None:
     """Register the deployments and execute their runs here until stopped."""
     from prefect import serve as prefect_serve
 
-    from deployments.definitions import build_deployments
+    from deployments.definitions import build_deployments, confinement_env
 
+    # Flow runs are subprocesses of this one and inherit its environment: their
+    # roots are fixed here, on the serving host, out of any API caller's reach.
+    os.environ.update(confinement_env())
     deployments = build_deployments()
     for dep in deployments:
         # Assigned, not just defaulted: the update then clears a work pool left by

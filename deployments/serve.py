@@ -18,12 +18,20 @@ the others are stopped and the exit status is 1.
 Every child gets the same settings: ``PREFECT_API_URL`` and
 ``PREFECT_UI_API_URL`` both point at this server (the UI would otherwise call
 port 4200 whatever ``--port`` is), telemetry is off.
+
+With ``--auth-string user:pass`` (better: ``LATENTFLOW_SERVER_AUTH``, which
+``ps`` does not show) the Prefect server wants HTTP basic auth on its API
+(``PREFECT_SERVER_API_AUTH_STRING``) and the runner, its flow runs and this
+supervisor send it (``PREFECT_API_AUTH_STRING``). A host other than loopback is
+refused without it: whoever reaches the API can start runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -94,10 +102,24 @@ class Child:
 
 
 def service_env(
-    *, host: str, port: int, data_dir: Path, base: dict[str, str] | None = None
+    *,
+    host: str,
+    port: int,
+    data_dir: Path,
+    base: dict[str, str] | None = None,
+    auth: str | None = None,
 ) -> dict[str, str]:
     """The environment shared by the server, the runner, flow runs and MLflow."""
     env = dict(os.environ if base is None else base)
+    # Never inherited by accident: auth is on exactly when this serve says so.
+    for name in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        env.pop(name, None)
+    env.pop("LATENTFLOW_SERVER_AUTH", None)
+    if auth:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth
+        env["PREFECT_API_AUTH_STRING"] = auth
+        # A Prefect Cloud key would take precedence and fail with 401 here.
+        env.pop("PREFECT_API_KEY", None)
     api = f"http://{_url_host(host)}:{port}/api"
     env.update(
         {
@@ -116,6 +138,7 @@ def service_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+
     # A user's MLflow server would split the runs' store from the UI shown here.
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
@@ -126,6 +149,23 @@ def _url_host(host: str) -> str:
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: nobody else can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_header(auth: str | None) -> dict[str, str]:
+    """The basic-auth header the server wants, or none."""
+    if not auth:
+        return {}
+    return {"authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
 
 
 def port_free(host: str, port: int) -> bool:
@@ -158,7 +198,11 @@ def wait_http_ok(url: str, timeout: float, child: Child | None = None) -> None:
 
 
 def wait_deployments_applied(
-    api_url: str, since: datetime, timeout: float, child: Child
+    api_url: str,
+    since: datetime,
+    timeout: float,
+    child: Child,
+    auth: str | None = None,
 ) -> None:
     """Wait until the runner has (re-)registered every deployment after ``since``.
 
@@ -173,7 +217,7 @@ def wait_deployments_applied(
         req = urllib.request.Request(
             f"{api_url}/deployments/filter",
             data=body.encode(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **auth_header(auth)},
         )
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
@@ -212,6 +256,9 @@ def children(
         )
     ]
     if mlflow_port is not None:
+        # The MLflow UI has no auth of its own: it stays on loopback whatever
+        # --host says (reach it through an SSH tunnel or a proxy with auth).
+        ml_host = host if is_loopback(host) else "127.0.0.1"
         procs.append(
             Child(
                 "mlflow-ui",
@@ -221,11 +268,11 @@ def children(
                     "--backend-store-uri",
                     f"sqlite:///{(data_dir / 'mlflow.db').as_posix()}",
                     "--host",
-                    host,
+                    ml_host,
                     "--port",
                     str(mlflow_port),
                 ],
-                health_url=f"http://{_url_host(host)}:{mlflow_port}/health",
+                health_url=f"http://{_url_host(ml_host)}:{mlflow_port}/health",
             )
         )
     procs.append(
@@ -245,8 +292,16 @@ def run(
     mlflow_port: int | None = 5000,
     data_dir: Path,
     start_timeout: float = 180.0,
+    auth: str | None = None,
 ) -> int:
     """Start everything, print the URLs, wait for a signal; returns the exit code."""
+    if not auth and not is_loopback(host):
+        print(
+            f"serve: --host {host} lets others reach an API that starts runs;"
+            " turn on auth with --auth-string or LATENTFLOW_SERVER_AUTH",
+            file=sys.stderr,
+        )
+        return 2
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / ".serve-logs"
@@ -258,7 +313,7 @@ def run(
             file=sys.stderr,
         )
         return 2
-    env = service_env(host=host, port=port, data_dir=data_dir)
+    env = service_env(host=host, port=port, data_dir=data_dir, auth=auth)
     procs = children(host=host, port=port, mlflow_port=mlflow_port, data_dir=data_dir)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -278,12 +333,16 @@ def run(
                 # MLflow creates its SQLite store before runs may write to it.
                 wait_http_ok(child.health_url, start_timeout, child)
         runner = procs[-1]  # started last, once the server answers
-        wait_deployments_applied(env["PREFECT_API_URL"], started, start_timeout, runner)
+        wait_deployments_applied(
+            env["PREFECT_API_URL"], started, start_timeout, runner, auth
+        )
         ui = f"http://{_url_host(host)}:{port}"
         print(f"Prefect UI:  {ui}", flush=True)
         print(f"Prefect API: {ui}/api", flush=True)
         if mlflow_port is not None:
-            print(f"MLflow UI:   http://{_url_host(host)}:{mlflow_port}", flush=True)
+            ml = host if is_loopback(host) else "127.0.0.1"
+            print(f"MLflow UI:   http://{_url_host(ml)}:{mlflow_port}", flush=True)
+        print(f"API auth:    {'basic' if auth else 'off'}", flush=True)
         print(f"data dir:    {data_dir}", flush=True)
         print(f"logs:        {log_dir}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
@@ -343,6 +402,13 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LATENTFLOW_DATA_DIR", str(REPO / ".serve")),
         help="outputs, MLflow store and Prefect database (default ./.serve)",
     )
+    p.add_argument(
+        "--auth-string",
+        default=os.environ.get("LATENTFLOW_SERVER_AUTH") or None,
+        metavar="USER:PASS",
+        help="require HTTP basic auth on the Prefect API (default:"
+        " $LATENTFLOW_SERVER_AUTH, which ps does not show)",
+    )
     return p
 
 
@@ -353,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         mlflow_port=None if args.no_mlflow else args.mlflow_port,
         data_dir=Path(args.data_dir),
+        auth=args.auth_string,
     )
 
 

@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         "--retrain", action="store_true", default=None, help="force training"
     )
     run.add_argument("--latent-dim", type=int, help="size of the latent code")
-    run.add_argument("--kind", help="ae | denoising | sparse | contractive | vae")
+    run.add_argument(
+        "--kind", help="model family, e.g. ae or vae (docs/models.md lists them)"
+    )
     run.add_argument("--epochs", type=int, help="most training epochs")
     run.add_argument("--device", help="auto | cpu | cuda")
     run.add_argument(

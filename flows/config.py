@@ -9,9 +9,12 @@ take explicit arguments.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +29,11 @@ from pydantic import (
     model_validator,
 )
 
+from models.families import DEFAULT_FAMILY, family_names, get_family
 from tasks.errors import ConfigError
 from tasks.ingest import WEATHERAUS_RULES
 from tasks.storage import dataset_from_path, validate_dataset_name
 
-Kind = Literal["ae", "denoising", "sparse", "contractive", "vae"]
 Device = Literal["auto", "cpu", "cuda"]
 Runner = Literal["sequential", "threads", "dask"]
 
@@ -57,6 +60,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rules": list(WEATHERAUS_RULES),
     },
 }
+
+
+def _kind_schema(schema: dict[str, Any]) -> None:
+    """The registered family names as the field's JSON-schema enum.
+
+    Computed when a schema is asked for (deploying, rendering the UI form), not
+    at import: the server then refuses an unknown kind before any run starts.
+    """
+    names = list(family_names())
+    schema["enum"] = names
+    schema["description"] = "Model family: " + ", ".join(names)
 
 
 class PipelineConfig(BaseModel):
@@ -96,7 +110,11 @@ class PipelineConfig(BaseModel):
     )
 
     # model
-    kind: Kind = Field("ae", description="Autoencoder variant")
+    kind: str = Field(
+        DEFAULT_FAMILY,
+        description="Model family (a registered name)",
+        json_schema_extra=_kind_schema,
+    )
     latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
     hidden: tuple[int, ...] = Field(
         (128, 64), description="Encoder hidden layer widths (decoder mirrors them)"
@@ -243,6 +261,16 @@ class PipelineConfig(BaseModel):
             )
         return self
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v: str) -> str:
+        names = family_names()
+        if v not in names:
+            raise ValueError(
+                f"unknown model family {v!r}; registered: {', '.join(names)}"
+            )
+        return v
+
     @field_validator("hidden")
     @classmethod
     def _hidden_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
@@ -274,26 +302,13 @@ class PipelineConfig(BaseModel):
         return f"{self.dataset}-autoencoder"
 
     def estimator_params(self) -> dict[str, Any]:
-        """Hyperparameters for :class:`models.AutoencoderReducer`."""
-        names = [
-            "latent_dim",
-            "hidden",
-            "kind",
-            "epochs",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "val_fraction",
-            "patience",
-            "noise_std",
-            "sparsity_weight",
-            "contractive_weight",
-            "beta",
-            "contamination",
-            "device",
-            "random_state",
-        ]
-        return {n: getattr(self, n) for n in names}
+        """Settings for the model family ``kind``: those of its ``settings``
+        (see :mod:`models.families`) that are fields here, plus ``kind``."""
+        settings = get_family(self.kind).settings
+        fields = type(self).model_fields
+        params = {n: getattr(self, n) for n in settings if n in fields}
+        params["kind"] = self.kind
+        return params
 
     def model_params(self) -> dict[str, Any]:
         """Settings that define a model: a champion with others is not reused."""
@@ -357,3 +372,152 @@ def build_config(file: str | None, overrides: dict[str, Any]) -> PipelineConfig:
         return PipelineConfig(**data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source)) from None
+
+
+# -- confinement of served runs ---------------------------------------------------
+
+#: Where a served run may read inputs / write its data dir (os.pathsep-separated).
+INPUT_ROOTS_ENV = "LATENTFLOW_INPUT_ROOTS"
+DATA_ROOTS_ENV = "LATENTFLOW_DATA_ROOTS"
+#: Dask schedulers a served run may connect to (comma-separated addresses).
+DASK_ADDRESSES_ENV = "LATENTFLOW_DASK_ADDRESSES"
+#: Default input root of a served run, under each data root.
+INPUT_SUBDIR = "input"
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Where a run may read and write: set by the host, never by a run.
+
+    A path is inside when, resolved (symlinks followed, ``..`` collapsed), it is
+    a root or lies under one; a root may be a single file. ``None`` leaves that
+    side unchecked (only outside deployments, see :func:`confinement`).
+    """
+
+    input_roots: tuple[Path, ...] | None
+    data_roots: tuple[Path, ...] | None
+    dask_addresses: frozenset[str] | None = None
+
+    def check(self, cfg: PipelineConfig) -> list[Path]:
+        """The input's files; :class:`ConfigError` (one line) if anything is outside."""
+        # Inputs first: reading what it should not is the worse leak.
+        if self.input_roots is None:
+            files = [Path(p) for p in _list_sources(cfg.input)]
+        else:
+            files = input_files(cfg.input, self.input_roots)
+        data_dir = Path(cfg.data_dir).expanduser().resolve()
+        if self.data_roots is not None and not _inside(data_dir, self.data_roots):
+            raise ConfigError(
+                f"data_dir {cfg.data_dir} (resolved {data_dir}) is outside the data"
+                f" roots {_show(self.data_roots)}; runs here write only under them"
+                f" (set {DATA_ROOTS_ENV} on the host that runs them)"
+            )
+        if (
+            self.dask_addresses is not None
+            and cfg.dask_address is not None
+            and cfg.dask_address not in self.dask_addresses
+        ):
+            allowed = ", ".join(sorted(self.dask_addresses)) or "none"
+            raise ConfigError(
+                f"dask_address {cfg.dask_address} is not one this host allows"
+                f" ({allowed}; set {DASK_ADDRESSES_ENV} on the host that runs them)"
+            )
+        return files
+
+
+def _list_sources(source: str) -> list[str]:
+    from tasks.ingest_parts import list_sources
+
+    return list_sources(source)
+
+
+def input_files(source: str, roots: tuple[Path, ...]) -> list[Path]:
+    """The files ``source`` names, once its own location is known to be inside.
+
+    ``source`` is read as ingest reads it (a file, a directory or a glob, no
+    ``~``). Its fixed part (for a glob, the directories before the first
+    wildcard) is resolved and checked before anything in it is listed, so a
+    refused path says nothing about what exists there.
+    """
+    base = _fixed_prefix(source)
+    real = base.resolve()
+    if not _inside(real, roots) and not _glob_under_root(source, real, roots):
+        raise ConfigError(
+            f"input {source} (resolved {real}) is outside the input roots"
+            f" {_show(roots)}; runs here read only under them"
+            f" (set {INPUT_ROOTS_ENV} on the host that runs them)"
+        )
+    files = [Path(p) for p in _list_sources(source)]
+    for path in files:
+        # Listed files are checked again: a symlink in a drop leads anywhere.
+        target = path.resolve()
+        if not _inside(target, roots):
+            raise ConfigError(
+                f"input file {path} leads to {target} through a symlink, outside"
+                f" the input roots {_show(roots)}; runs here read only under them"
+                f" (set {INPUT_ROOTS_ENV} on the host that runs them)"
+            )
+    return files
+
+
+def _fixed_prefix(source: str) -> Path:
+    import glob
+
+    if not glob.has_magic(source):
+        return Path(source).absolute()
+    parts = Path(source).parts
+    fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+    return Path(*fixed).absolute() if fixed else Path.cwd()
+
+
+def _glob_under_root(source: str, real_base: Path, roots: tuple[Path, ...]) -> bool:
+    # A glob whose fixed part is a directory holding a root (drops/*/x.csv with a
+    # root at drops/a) is allowed; each file it matches is checked on its own.
+    import glob
+
+    return glob.has_magic(source) and any(real_base in r.parents for r in roots)
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _show(roots: tuple[Path, ...]) -> str:
+    return os.pathsep.join(str(r) for r in roots) if roots else "(none)"
+
+
+def _roots_from_env(name: str, env: Mapping[str, str]) -> tuple[Path, ...] | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    return tuple(
+        Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()
+    )
+
+
+def confinement(
+    *, deployed: bool, env: Mapping[str, str] | None = None
+) -> Confinement | None:
+    """The policy a run is held to, from the host's environment only.
+
+    A run from a deployment (an API caller chose its parameters) is always
+    confined: to ``LATENTFLOW_INPUT_ROOTS`` / ``LATENTFLOW_DATA_ROOTS``, which
+    default to the host's data dir (``LATENTFLOW_DATA_DIR``) and its ``input/``
+    folder, and to the Dask schedulers in ``LATENTFLOW_DASK_ADDRESSES`` (none by
+    default). Any other run (``latentflow run``: a local user with their own
+    permissions) is held only to the roots that are set.
+    """
+    env = os.environ if env is None else env
+    inputs = _roots_from_env(INPUT_ROOTS_ENV, env)
+    data = _roots_from_env(DATA_ROOTS_ENV, env)
+    raw_addresses = env.get(DASK_ADDRESSES_ENV, "")
+    addresses = frozenset(a.strip() for a in raw_addresses.split(",") if a.strip())
+    if not deployed:
+        if inputs is None and data is None and not addresses:
+            return None
+        return Confinement(inputs, data, addresses or None)
+    if data is None:
+        data = (Path(env.get("LATENTFLOW_DATA_DIR") or DEFAULT_DATA_DIR).resolve(),)
+    if inputs is None:
+        inputs = tuple(r / INPUT_SUBDIR for r in data)
+    return Confinement(inputs, data, addresses)

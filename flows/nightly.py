@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, confinement
 from flows.runners import RunnerScope, runner_scope
 from tasks import registry
 from tasks.decide import ChampionInfo, comparable, decide_task, gate
@@ -71,6 +72,7 @@ from tasks.storage import (
     DatasetLock,
     check_run_paths,
     clean_stale_staging,
+    narrowed_umask,
     remove_tree,
     staging_root,
 )
@@ -97,12 +99,16 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
     dataset, run_date = cfg.dataset or "", cfg.run_date
     assert run_date is not None
     tag = f"{dataset}-{run_date}"
+    # Before anything is read or written: where this run may go, then whose
+    # eyes its outputs are for (never more than its inputs').
+    sources = _allowed_sources(cfg)
     data_dir = Path(cfg.data_dir).expanduser().resolve()
     cache_dir = data_dir / ".cache" / "models"
     # Before anything is written: no path of the run may lead out of the data dir.
     check_run_paths(data_dir, dataset, run_date)
 
     with (
+        narrowed_umask(sources),
         runner_scope(cfg.runner, cfg.dask_address, cfg.dask_workers) as scope,
         DatasetLock(data_dir, dataset, cfg.lock_wait_seconds),
         RunOutputs(data_dir) as outputs,
@@ -253,6 +259,21 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         summary, metrics, summary["reason"], top, key=dataset.replace("_", "-")
     )
     return summary
+
+
+def _allowed_sources(cfg: PipelineConfig) -> list[Path]:
+    """The input's files, once the host's confinement policy allows the run.
+
+    The policy comes from the executing host's environment, never from the
+    run's parameters; a run started from a deployment is always confined.
+    """
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    deployed = run is not None and run.deployment_id is not None
+    policy = confinement(deployed=deployed)
+    if policy is not None:
+        return policy.check(cfg)
+    return [Path(p) for p in list_sources(cfg.input)]
 
 
 def _score(

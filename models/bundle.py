@@ -1,8 +1,9 @@
-"""One saved model: the preprocessor and the autoencoder together.
+"""One saved model: the preprocessor and the model family's estimator together.
 
-A bundle directory holds ``bundle.json`` (input schema, training facts, optional
-cluster centres), ``preprocessor.json`` and ``estimator/`` (state_dict plus
-JSON). Nothing in it is a pickle, so loading a model cannot run code.
+A bundle directory holds ``bundle.json`` (input schema, training facts, the
+model family's registered name, optional cluster centres), ``preprocessor.json``
+and ``estimator/`` (state_dict plus JSON, written by the family). Nothing in it
+is a pickle, so loading a model cannot run code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models.estimator import AutoencoderReducer
+from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
+from models.family import ModelFamily, Scores, score_rows
 from models.preprocessing import TableLike, TabularPreprocessor
 
 BUNDLE_FORMAT = 1
@@ -42,17 +44,20 @@ class BundleInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     cluster_centers: list[list[float]] | None = None
+    # The registered name of the model family (models.families); bundles saved
+    # before families existed have none and are autoencoders.
+    family: str = LEGACY_FAMILY
 
 
 class LatentModel:
-    """Preprocessor + autoencoder, scored as one.
+    """Preprocessor + model, scored as one.
 
     Parameters
     ----------
     preprocessor : TabularPreprocessor
-        Fitted preprocessor turning raw columns into the network's input.
-    estimator : AutoencoderReducer
-        Fitted autoencoder.
+        Fitted preprocessor turning raw columns into the model's input.
+    estimator : ModelFamily
+        Fitted model of the family ``info.family``.
     info : BundleInfo
         Schema and training facts.
     """
@@ -60,7 +65,7 @@ class LatentModel:
     def __init__(
         self,
         preprocessor: TabularPreprocessor,
-        estimator: AutoencoderReducer,
+        estimator: ModelFamily,
         info: BundleInfo,
     ) -> None:
         self.preprocessor = preprocessor
@@ -82,14 +87,12 @@ class LatentModel:
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
 
-    def score(self, data: TableLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Latent features, reconstruction errors and anomaly flags for ``data``.
+    def score(self, data: TableLike) -> Scores:
+        """Latent features, anomaly scores and flags for ``data``.
 
-        Returns arrays of shapes (n, latent_dim) float32, (n,) float32, (n,) bool.
+        Arrays of shapes (n, latent_dim) float32, (n,) float32, (n,) bool.
         """
-        x = self.preprocessor.transform(data)
-        latent, err = self.estimator.encode_and_score(x)
-        return latent, err, err > self.threshold
+        return score_rows(self.estimator, self.preprocessor.transform(data))
 
     def clusters(self, latent: np.ndarray) -> np.ndarray | None:
         """Nearest learned cluster centre for each latent row, or None."""
@@ -100,9 +103,10 @@ class LatentModel:
         return d.argmin(axis=1).astype(np.int32)
 
     def source_errors(self, data: TableLike) -> pd.DataFrame:
-        """Per-input-column squared reconstruction errors (rows x input columns)."""
+        """Per-input-column contributions to the score (rows x input columns):
+        squared reconstruction errors for a reconstruction model."""
         x = self.preprocessor.transform(data)
-        fe = np.asarray(self.estimator.feature_errors(x), dtype=np.float64)
+        fe = np.asarray(self.estimator.feature_contributions(x), dtype=np.float64)
         names, per_col = self.preprocessor.source_errors(fe)
         return pd.DataFrame(per_col, columns=names)
 
@@ -110,11 +114,11 @@ class LatentModel:
         """The pyfunc output: latent_*, recon_error, is_anomaly (and cluster)."""
         # MLflow may hand over a frame with the index of the caller; keep it.
         index = data.index if isinstance(data, pd.DataFrame) else None
-        latent, err, flag = self.score(data)
-        out = pd.DataFrame(latent, columns=self.latent_names, index=index)
-        out["recon_error"] = err
-        out["is_anomaly"] = flag
-        labels = self.clusters(latent)
+        scores = self.score(data)
+        out = pd.DataFrame(scores.latent, columns=self.latent_names, index=index)
+        out["recon_error"] = scores.score
+        out["is_anomaly"] = scores.is_anomaly
+        labels = self.clusters(scores.latent)
         if labels is not None:
             out["cluster"] = labels
         return out
@@ -149,7 +153,11 @@ class LatentModel:
         except TypeError as exc:
             raise ValueError(f"{meta_path} has unexpected fields: {exc}") from None
         pre = TabularPreprocessor.load(path / "preprocessor.json")
-        est = AutoencoderReducer.load(path / "estimator", device=device)
+        try:
+            family = get_family(str(info.family))
+        except UnknownFamilyError as exc:
+            raise ValueError(f"{meta_path}: {exc}") from None
+        est = family.load(path / "estimator", device=device)
         if est.n_features_in_ != pre.n_features_out:
             raise ValueError(
                 f"{path}: the network expects {est.n_features_in_} inputs but the"

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -36,9 +35,11 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from models.networks import ACTIVATIONS, AutoencoderNetwork, encode_with_jacobian
+from models.family import contamination_threshold
+from models.networks import ACTIVATIONS, AutoencoderNetwork
+from models.objectives import OBJECTIVES
 
-KINDS = ("ae", "denoising", "sparse", "contractive", "vae")
+KINDS = tuple(OBJECTIVES)
 
 FORMAT_NAME = "latentflow.AutoencoderReducer"
 FORMAT_VERSION = 1
@@ -344,8 +345,8 @@ default="relu"
                 self.latent_dim,
                 hidden,
                 self.activation,
-                variational=self.kind == "vae",
-                code_activation="relu" if self.kind == "sparse" else None,
+                variational=OBJECTIVES[self.kind].variational,
+                code_activation=OBJECTIVES[self.kind].code_activation,
             )
         network.to(device)
 
@@ -373,8 +374,8 @@ default="relu"
         self.val_loss_ = float(history["val_loss"][best_epoch])
         _, errors = self._forward(X32, latent=False, error=True)
         self.decision_scores_ = errors.astype(np.float64)
-        self.threshold_ = float(
-            np.quantile(self.decision_scores_, 1 - self.contamination)
+        self.threshold_ = contamination_threshold(
+            self.decision_scores_, self.contamination
         )
         self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
         return self
@@ -488,32 +489,8 @@ default="relu"
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training objective and its pure reconstruction-MSE part for one batch."""
-        kind = self.kind
-        if kind == "vae":
-            mu, logvar = network.encode_distribution(batch)
-            eps = torch.randn(
-                mu.shape, generator=generator, device=mu.device, dtype=mu.dtype
-            )
-            recon = F.mse_loss(
-                network.decode(mu + eps * torch.exp(0.5 * logvar)), batch
-            )
-            kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
-            return recon + (self.beta / batch.shape[1]) * kl, recon
-        if kind == "contractive":
-            code, jac_sq = encode_with_jacobian(network, batch)
-            recon = F.mse_loss(network.decode(code), batch)
-            return recon + self.contractive_weight * jac_sq.mean(), recon
-        if kind == "denoising":
-            noise = torch.randn(
-                batch.shape, generator=generator, device=batch.device, dtype=batch.dtype
-            )
-            recon = F.mse_loss(network(batch + self.noise_std * noise), batch)
-            return recon, recon
-        code = network.encode(batch)
-        recon = F.mse_loss(network.decode(code), batch)
-        if kind == "sparse":
-            return recon + self.sparsity_weight * code.abs().sum(dim=1).mean(), recon
-        return recon, recon
+        # Each kind's loss is an object in models.objectives, looked up by name.
+        return OBJECTIVES[self.kind](self, network, batch, generator)
 
     @staticmethod
     def _validation_loss(network: AutoencoderNetwork, x_val: torch.Tensor) -> float:

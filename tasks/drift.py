@@ -134,8 +134,7 @@ def measure_drift(
     report.drifted = sorted(k for k, v in report.psi.items() if v > psi_threshold)
     errs = ref.get("errors")
     if errs and table.num_rows:
-        _, err, _ = model.score(table)
-        err = err.astype(np.float64)
+        err = model.score(table).score.astype(np.float64)
         report.error_median_ratio = float(np.median(err) / max(errs["median"], 1e-12))
         report.error_p99_ratio = float(np.quantile(err, 0.99) / max(errs["p99"], 1e-12))
     report.psi = {k: round(v, 5) for k, v in sorted(report.psi.items())}

@@ -172,6 +172,8 @@ def model_params(model: LatentModel) -> dict[str, Any]:
     """The settings that define a model, comparable with the requested ones."""
     skip = {"device", "verbose", "epoch_callback"}
     params = {k: v for k, v in model.estimator.get_params().items() if k not in skip}
+    # A family whose settings do not name it is still told apart from another.
+    params.setdefault("kind", model.info.family)
     centers = model.info.cluster_centers
     params["n_clusters"] = len(centers) if centers else None
     return params

@@ -33,7 +33,7 @@ def worst_features(
         columns=cols, filter=pc.field("_row_id").isin(row_ids)
     )
     errs = model.source_errors(table)
-    _, rec_err, _ = model.score(table)
+    rec_err = model.score(table).score
     frame = table.to_pandas()
     rows = []
     for i in range(table.num_rows):

@@ -334,12 +334,13 @@ def score_unit(
             n = batch.num_rows
             if n == 0:
                 continue
-            latent, err, flag = model.score(batch)
+            scores = model.score(batch)
+            err, flag = scores.score, scores.is_anomaly
             arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
             arrays += [batch.column(k) for k in keys]
-            arrays += [pa.array(latent[:, i]) for i in range(latent.shape[1])]
+            arrays += [pa.array(col) for col in scores.latent.T]
             arrays += [pa.array(err), pa.array(flag)]
-            labels = model.clusters(latent)
+            labels = model.clusters(scores.latent)
             if labels is not None:
                 arrays.append(pa.array(labels))
             arrays += [

@@ -543,3 +543,37 @@ class DatasetLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def source_umask_bits(sources: list[Path]) -> int:
+    """The umask bits that keep outputs no wider than the narrowest source.
+
+    Group and other bits follow the sources' read/write bits (and execute
+    where reading is allowed, so directories stay usable); the owner keeps
+    read, write and execute, since the run must write and replace its files.
+    """
+    allowed = 0o666
+    for path in sources:
+        # A file gone since it was listed fails the run in ingest, by name.
+        with contextlib.suppress(FileNotFoundError):
+            allowed &= os.stat(path).st_mode
+    allowed |= (allowed & 0o444) >> 2  # x beside r: what directories need
+    return 0o077 & ~allowed
+
+
+@contextlib.contextmanager
+def narrowed_umask(sources: list[Path]) -> Iterator[int]:
+    """Narrow the process umask to the sources' modes for a run, then restore it.
+
+    Every file and directory the run creates (Parquet parts, staged partitions,
+    model artifacts, locks) gets these bits removed, whichever library opens it;
+    child processes started meanwhile (a local Dask cluster) inherit it.
+    """
+    bits = source_umask_bits(sources)
+    # Never wider for a moment: 0o077 first, then the old mask plus the bits.
+    old = os.umask(0o077)
+    os.umask(old | bits)
+    try:
+        yield old | bits
+    finally:
+        os.umask(old)

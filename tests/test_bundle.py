@@ -41,8 +41,39 @@ def bundle(tmp_path):
 def test_round_trip_scores_identically(bundle):
     m1, m2 = LatentModel.load(bundle), LatentModel.load(bundle)
     t = pa.table({"a": [0.1, None], "b": [1.0, 2.0], "c": ["p", "never-seen"]})
-    for x, y in zip(m1.score(t), m2.score(t), strict=True):
-        np.testing.assert_array_equal(x, y)
+    s1, s2 = m1.score(t), m2.score(t)
+    for field in ("latent", "score", "is_anomaly"):
+        np.testing.assert_array_equal(getattr(s1, field), getattr(s2, field))
+    assert s1.latent.shape == (2, 1) and s1.is_anomaly.dtype == bool
+
+
+def test_bundle_records_its_family_and_old_bundles_load_as_autoencoders(bundle):
+    import json
+
+    meta_path = bundle / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["family"] == "ae"
+    t = pa.table({"a": [0.1, 0.5], "b": [1.0, 2.0], "c": ["p", "n"]})
+    before = LatentModel.load(bundle).score(t)
+    # A bundle saved before model families existed has no "family" field.
+    del meta["family"]
+    meta_path.write_text(json.dumps(meta))
+    old = LatentModel.load(bundle)
+    assert old.info.family == "ae"
+    np.testing.assert_array_equal(old.score(t).score, before.score)
+
+
+def test_bundle_of_an_unregistered_family_fails_with_one_line(bundle):
+    import json
+
+    meta_path = bundle / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "family": "gan"}))
+    with pytest.raises(ValueError) as exc:
+        LatentModel.load(bundle)
+    msg = str(exc.value)
+    assert "\n" not in msg and "bundle.json" in msg
+    assert "unknown model family 'gan'; registered: ae, denoising" in msg
 
 
 @pytest.mark.parametrize(

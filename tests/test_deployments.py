@@ -11,11 +11,13 @@ a user would, and the last one stops it with SIGTERM and checks nothing is left.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -42,7 +44,9 @@ def free_port() -> int:
 class ServeStack:
     """``python -m deployments.serve`` in a subprocess, and how to reach it."""
 
-    def __init__(self, root: Path, *, mlflow: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, mlflow: bool = True, auth: str | None = None
+    ) -> None:
         from tasks.synthetic import write_weatheraus_like_csv
 
         self.root = root
@@ -51,6 +55,8 @@ class ServeStack:
         self.mlflow_port = free_port() if mlflow else None
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.url}/api"
+        # The server's basic-auth string (``--auth-string``); None: no auth.
+        self.auth = auth
         # Tiny, deterministic input; also the nightly default, so a 02:00 Sydney
         # run that happens to fire during the tests costs nothing.
         self.csv = write_weatheraus_like_csv(root / "input" / "weatherAUS.csv", 2000)
@@ -66,6 +72,7 @@ class ServeStack:
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
         }
         env.pop("PREFECT_API_URL", None)
+        env.pop("LATENTFLOW_SERVER_AUTH", None)
         argv = [
             sys.executable,
             "-m",
@@ -80,6 +87,8 @@ class ServeStack:
             if self.mlflow_port
             else ["--no-mlflow"]
         )
+        if self.auth is not None:
+            env["LATENTFLOW_SERVER_AUTH"] = self.auth  # not on the command line
         with open(self.stdout, "wb") as out:
             self.proc = subprocess.Popen(
                 argv,
@@ -124,9 +133,19 @@ class ServeStack:
             return False
         return len(found) == 2
 
+    def headers(self, auth: str | None = None) -> dict[str, str]:
+        """JSON headers, with basic auth when the stack (or ``auth``) has it."""
+        headers = {"content-type": "application/json"}
+        token = self.auth if auth is None else auth
+        if token:
+            encoded = base64.b64encode(token.encode()).decode()
+            headers["authorization"] = f"Basic {encoded}"
+        return headers
+
     def get(self, path: str) -> Any:
         """GET from the API; the decoded answer."""
-        with urllib.request.urlopen(f"{self.api_url}{path}", timeout=10) as resp:
+        req = urllib.request.Request(f"{self.api_url}{path}", headers=self.headers())
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.load(resp)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
@@ -134,7 +153,7 @@ class ServeStack:
         req = urllib.request.Request(
             f"{self.api_url}{path}",
             data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"},
+            headers=self.headers(),
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.load(resp)
@@ -142,15 +161,22 @@ class ServeStack:
     @contextlib.contextmanager
     def settings(self) -> Iterator[None]:
         """Point this process's Prefect client at the stack."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import (
+            PREFECT_API_AUTH_STRING,
+            PREFECT_API_URL,
+            temporary_settings,
+        )
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+        updates: dict[Any, Any] = {PREFECT_API_URL: self.api_url}
+        if self.auth:
+            updates[PREFECT_API_AUTH_STRING] = self.auth
+        with temporary_settings(updates=updates):
             yield
 
     def client(self) -> Any:
         from prefect.client.orchestration import SyncPrefectClient
 
-        return SyncPrefectClient(api=self.api_url)
+        return SyncPrefectClient(api=self.api_url, auth_string=self.auth)
 
     def logs(self) -> str:
         parts = [f"--- serve stdout\n{_tail(self.stdout)}"]
@@ -329,13 +355,14 @@ def test_nightly_deployment_registered_with_schedule(stack):
 
 
 @pytest.mark.slow
-def test_on_demand_runs_changed_parameters_one_at_a_time(stack, tmp_path):
+def test_on_demand_runs_changed_parameters_one_at_a_time(stack):
     import pyarrow.parquet as pq
     from prefect.deployments import run_deployment
 
     from deployments.definitions import ON_DEMAND
 
-    out = tmp_path / "on-demand-data"
+    # Inside the served data roots: runs from a deployment may write only there.
+    out = stack.data_dir / "on-demand"
     params = {
         "config": {
             "input": str(stack.csv),
@@ -347,7 +374,10 @@ def test_on_demand_runs_changed_parameters_one_at_a_time(stack, tmp_path):
     # A second run, submitted while the first is queued or running, must wait
     # for it (limit 1, ENQUEUE); it is made to fail fast (missing input) so it
     # costs little, which also shows a user error ending a served run.
-    queued_params = {"config": {"input": str(tmp_path / "missing.csv")}}
+    missing = stack.data_dir / "input" / "missing.csv"
+    queued_params = {"config": {"input": str(missing)}}
+    # Group-readable only: the outputs must not be readable by others either.
+    stack.csv.chmod(0o640)
     t0 = time.monotonic()
     with stack.settings():
         first = run_deployment(f"{FLOW}/{ON_DEMAND}", parameters=params, timeout=0)
@@ -383,6 +413,11 @@ def test_on_demand_runs_changed_parameters_one_at_a_time(stack, tmp_path):
     )
     assert "latent_3" not in schema.names
     assert sum(pq.read_metadata(f).num_rows for f in files) == 2000
+    # Never wider than the input (0640): files <= 0640, new directories <= 0750.
+    for area in ("ingested", "latent"):
+        for p in (out / area / "weatheraus").rglob("*"):
+            mode = stat.S_IMODE(p.stat().st_mode)
+            assert mode & ~(0o640 if p.is_file() else 0o750) == 0, f"{p}: {oct(mode)}"
 
     # Raw API call: SyncPrefectClient.read_artifacts in Prefect 3.8.8 sends
     # nulls the server refuses (422) unless every filter is given.

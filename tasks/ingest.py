@@ -8,8 +8,12 @@ partitions through :class:`~tasks.storage.StagedPartition`::
     <data_dir>/ingested/<dataset>/run_date=<date>/part-00000.parquet   accepted rows
     <data_dir>/rejected/<dataset>/run_date=<date>/part-00000.parquet   rejected rows
 
-Both are committed only at the very end, so any failure leaves no partial output
-and earlier partitions untouched. Anything wrong with the input raises an
+Both are committed together only at the very end, so any failure leaves no partial
+output and earlier partitions untouched. With ``publish=False`` (the nightly
+flow) they stay staged: the flow publishes them with the run date's ``latent/``
+partition in one commit (:func:`tasks.partitions.commit_run_date`).
+
+Anything wrong with the input raises an
 :class:`~tasks.errors.InputError` (or ``SchemaError``/``ConfigError``) with a
 one-line message naming the file, the column or row, and what was expected.
 
@@ -90,7 +94,7 @@ from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
 from tasks.policy import IO
 from tasks.presets import WEATHERAUS_RULES
 from tasks.sources import resolve_sources as _resolve_sources
-from tasks.storage import StagedPartition, validate_dataset_name
+from tasks.storage import StagedPartition, commit_partitions, validate_dataset_name
 from tasks.validate import (
     FLOAT32_MAX,
     TIMESTAMP_TYPE,
@@ -262,6 +266,9 @@ class IngestResult:
     warnings: list[str]
     schema: dict[str, Any]
     source_files: list[str]
+    #: False: ``ingested_dir`` and ``rejected_dir`` are sealed staged
+    #: directories, waiting for the run date's commit.
+    published: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1026,6 +1033,7 @@ def ingest(
     expected_schema: dict | None = None,
     max_reject_fraction: float = 0.05,
     block_size: int = 8 << 20,
+    publish: bool = True,
 ) -> IngestResult:
     """Validate, type and write one run date's input as ingested/rejected partitions.
 
@@ -1057,6 +1065,10 @@ def ingest(
         More rejected rows than this share fails the run (nothing is written).
     block_size
         Bytes per CSV block; memory use is a few blocks, whatever the file size.
+    publish
+        Commit both partitions before returning. False leaves them sealed in
+        ``.staging`` (the result names the staged directories) for the caller
+        to commit with the run date's other outputs, or to discard.
 
     Returns
     -------
@@ -1106,6 +1118,7 @@ def ingest(
             max_reject_fraction=float(max_reject_fraction),
             block_size=int(block_size),
             hints=hints,
+            publish=publish,
         )
         try:
             return job.run()
@@ -1150,7 +1163,9 @@ class _Ingestion:
         max_reject_fraction: float,
         block_size: int,
         hints: dict[Path, _Hints],
+        publish: bool = True,
     ) -> None:
+        self.publish = publish
         self.source = source
         self.files = files
         self.data_dir = data_dir
@@ -1223,14 +1238,19 @@ class _Ingestion:
                     raise
                 self._close_writers()
                 self._finish()
-                ing.commit()
-                rej.commit()
+                ing.seal()
+                rej.seal()
+                if self.publish:
+                    commit_partitions(
+                        self.data_dir, [(ing.path, ing.final), (rej.path, rej.final)]
+                    )
         finally:
             stream.close()
             first.close()
         return IngestResult(
-            ingested_dir=str(ing.final),
-            rejected_dir=str(rej.final),
+            ingested_dir=str(ing.final if self.publish else ing.path),
+            rejected_dir=str(rej.final if self.publish else rej.path),
+            published=self.publish,
             rows_in=self.rows_in,
             rows_accepted=self.rows_accepted,
             rows_rejected=self.rows_rejected,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import LatentflowError, describe_fault
+from tasks.sources import check_sources
 
 EXIT_USER_ERROR = 2
 
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _engine_defaults() -> None:
+    # The in-process Prefect server gets 20 s to start by default; a first run on
+    # a fresh PREFECT_HOME (migrations), several runs at once, or a busy machine
+    # need longer, and a timeout there is a traceback, not a result.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def _quiet_logging() -> None:
     # stdout carries exactly one JSON line; library chatter goes to stderr or away.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -101,6 +109,9 @@ def _quiet_logging() -> None:
     # some of it with a traceback (a connection closed at shutdown).
     logging.getLogger("distributed").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
+    # MLflow logs a traceback for each SQLite "database is locked" before raising;
+    # the registry retries those and reports a final failure in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _is_user_facing(exc: BaseException | None) -> bool:
@@ -130,11 +141,14 @@ def _install_log_filter() -> None:
 def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Build the config and run the flow; returns the summary dict."""
     from flows.config import build_config
+
+    cfg = build_config(config_file, overrides)
+    check_sources(cfg.input)  # an input from a config file: still before the engine
+    # The flow imports torch and MLflow (seconds): only once the run is valid.
     from flows.nightly import nightly
     from flows.runtime_checks import check_prefect_database, check_runtime
 
     _install_log_filter()
-    cfg = build_config(config_file, overrides)
     check_runtime(cfg)
     check_prefect_database()
     with _stdout_to_stderr():
@@ -223,6 +237,7 @@ def _store_file(data_dir: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_logging()
+    _engine_defaults()
     try:
         if args.command == "serve-model":
             from flows.serve_model import serve_model
@@ -238,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise LatentflowError(
                     "--input (or a --config with 'input') is required"
                 )
+            if args.input:
+                # A mistyped path fails here, in milliseconds: before Prefect or
+                # MLflow is imported and before anything is created on disk.
+                check_sources(args.input)
             summary = run_pipeline(args.config, _overrides(args))
     except LatentflowError as exc:
         print(f"latentflow: error: {exc}", file=sys.stderr)

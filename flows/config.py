@@ -31,7 +31,7 @@ from pydantic import (
 
 from models.families import DEFAULT_FAMILY, family_names, get_family
 from tasks.errors import ConfigError
-from tasks.ingest import WEATHERAUS_RULES
+from tasks.presets import WEATHERAUS_RULES
 from tasks.storage import dataset_from_path, validate_dataset_name
 
 Device = Literal["auto", "cpu", "cuda"]

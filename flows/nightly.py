@@ -7,14 +7,20 @@ With ``runner`` threads or dask, ingest (of several files) and scoring fan out
 as the subflows ``latentflow-ingest`` and ``latentflow-score``, whose task
 runner is chosen per run (:mod:`flows.runners`); training stays in this
 flow's process.
+
+A run date's outputs are published together: ingest and scoring leave their
+partitions sealed in ``.staging`` (training, drift and scoring read the staged
+ingested partition), and one commit at the end of a successful run swaps
+``ingested/``, ``rejected/`` and ``latent/`` in (:mod:`tasks.storage`). A run
+that fails before it publishes nothing.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,8 @@ from tasks.ingest_parts import (
 )
 from tasks.partitions import (
     DEFAULT_UNIT_ROWS,
+    RunOutputs,
+    commit_run_date_task,
     discard_staged,
     open_staged,
     remove_scratch,
@@ -63,8 +71,10 @@ from tasks.score import (
 )
 from tasks.storage import (
     DatasetLock,
+    check_run_paths,
     clean_stale_staging,
     narrowed_umask,
+    remove_tree,
     staging_root,
 )
 from tasks.train import train_task
@@ -96,13 +106,19 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
     sources = _allowed_sources(cfg)
     data_dir = Path(cfg.data_dir).expanduser().resolve()
     cache_dir = data_dir / ".cache" / "models"
+    # Before anything is written: no path of the run may lead out of the data dir.
+    check_run_paths(data_dir, dataset, run_date)
 
     with (
         narrowed_umask(sources),
         runner_scope(cfg.runner, cfg.dask_address, cfg.dask_workers) as scope,
         DatasetLock(data_dir, dataset, cfg.lock_wait_seconds),
+        RunOutputs(data_dir) as outputs,
     ):
-        clean_stale_staging(data_dir, dataset)
+        # Finishes a commit a killed run cut short, then drops its leftovers.
+        removed = clean_stale_staging(data_dir, dataset)
+        if removed:
+            logger.info("removed %d staging leftovers of killed runs", removed)
         registry.configure(data_dir)
         champion = find_champion_task.with_options(task_run_name=f"champion-{tag}")(
             cfg.model_name, cache_dir
@@ -119,12 +135,21 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         fan_out = scope.parallel and cfg.key_columns != []
         if fan_out and len(list_sources(cfg.input)) > 1:
             ing = ingest_partitioned.with_options(task_runner=scope.task_runner())(
-                cfg.input, data_dir, dataset, run_date, tag=tag, **ingest_args
+                cfg.input,
+                data_dir,
+                dataset,
+                run_date,
+                tag=tag,
+                publish=False,
+                **ingest_args,
             )
         else:
             ing = ingest_task.with_options(task_run_name=f"ingest-{tag}")(
-                cfg.input, data_dir, dataset, run_date, **ingest_args
+                cfg.input, data_dir, dataset, run_date, publish=False, **ingest_args
             )
+        # Staged until the commit below: training, drift and scoring read it there.
+        outputs.add("ingested", ing.ingested_dir)
+        outputs.add("rejected", ing.rejected_dir)
         if champion is not None and not cfg.retrain:
             _require_columns(champion.input_schema, ing.schema, champion.name)
         now = datetime.now(UTC)
@@ -192,6 +217,16 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
             config_hash=cfg.config_hash(),
             batch_rows=cfg.score_batch_rows,
         )
+        outputs.add("latent", scored.staged_dir)
+        published = commit_run_date_task.with_options(task_run_name=f"commit-{tag}")(
+            data_dir, dataset, run_date, outputs.to_commit()
+        )
+        ing = replace(
+            ing,
+            ingested_dir=published["ingested"],
+            rejected_dir=published["rejected"],
+            published=True,
+        )
 
     summary: dict[str, Any] = {
         "dataset": dataset,
@@ -257,10 +292,17 @@ def _score(
     """One scoring task, or the partitioned subflow on the run's task runner."""
     if not scope.parallel:
         return score_task.with_options(task_run_name=f"score-{tag}")(
-            ingested_dir, bundle, data_dir, dataset, run_date, **kwargs
+            ingested_dir, bundle, data_dir, dataset, run_date, publish=False, **kwargs
         )
     return score_partitioned.with_options(task_runner=scope.task_runner())(
-        ingested_dir, bundle, data_dir, dataset, run_date, tag=tag, **kwargs
+        ingested_dir,
+        bundle,
+        data_dir,
+        dataset,
+        run_date,
+        tag=tag,
+        publish=False,
+        **kwargs,
     )
 
 
@@ -290,11 +332,14 @@ def score_partitioned(
     config_hash: str,
     batch_rows: int,
     unit_rows: int = DEFAULT_UNIT_ROWS,
+    publish: bool = True,
 ) -> ScoreResult:
     """Score the partition's row-group units in parallel; commit them as one.
 
     Each unit task writes its own file into one staged partition; the commit
     checks them all and swaps the partition in whole, or nothing changes.
+    With ``publish=False`` the checked partition stays sealed in ``.staging``
+    for the run date's commit.
     """
     plan = plan_score_task.with_options(task_run_name=f"plan-score-{tag}")(
         ingested_dir,
@@ -318,7 +363,7 @@ def score_partitioned(
         ]
         results = _gather(futures)
         return commit_scores_task.with_options(task_run_name=f"commit-score-{tag}")(
-            staged, plan.units, results
+            staged, plan.units, results, publish=publish
         )
     finally:
         discard_staged(staged)
@@ -338,8 +383,10 @@ def ingest_partitioned(
     label: str | None,
     rules: list[str],
     max_reject_fraction: float,
+    publish: bool = True,
 ) -> IngestResult:
-    """Ingest the source's files in parallel; commit them as one partition.
+    """Ingest the source's files in parallel; commit them as one partition
+    (``publish=False``: leave the pair sealed for the run date's commit).
 
     See :mod:`tasks.ingest_parts`: when the files cannot be combined exactly,
     the single-process ingest runs instead.
@@ -387,6 +434,7 @@ def ingest_partitioned(
             run_date,
             source=source,
             max_reject_fraction=max_reject_fraction,
+            publish=publish,
         )
     finally:
         remove_scratch(scratch)
@@ -405,6 +453,7 @@ def ingest_partitioned(
             label=label,
             rules=rules,
             max_reject_fraction=max_reject_fraction,
+            publish=publish,
         )
     return result
 
@@ -470,7 +519,8 @@ def challenge(
             description=_model_card(cfg, ing, trained),
         )
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(data_dir, stage)
     verdict = gate(
         trained.metrics["val_mse"],
         trained.metrics.get("champion_holdout_mse"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from tasks.errors import ConfigError, EnvironmentFault, describe_fault
+from tasks.storage import check_run_paths
 
 
 def check_device(device: str) -> None:
@@ -43,9 +44,17 @@ def check_data_dir(data_dir: str) -> None:
 
 
 def check_runtime(cfg: PipelineConfig) -> None:
-    """Everything a run of ``cfg`` needs from this machine before it starts."""
+    """Everything a run of ``cfg`` needs from this machine before it starts.
+
+    The CLI calls it before any engine starts, so a bad data dir or device is
+    one line in a second; the flow calls it again for runs from deployments.
+    """
     check_data_dir(cfg.data_dir)
     check_device(cfg.device)
+    run = cfg.resolved()
+    if run.dataset and run.run_date:
+        data_dir = Path(run.data_dir).expanduser().resolve()
+        check_run_paths(data_dir, run.dataset, run.run_date)
 
 
 def check_prefect_database() -> None:

@@ -153,3 +153,11 @@ def describe_fault(
             f"{database or 'a SQLite database'} {_SQLITE_TEXT[code]}"
         )
     return None
+
+
+class UnsafePathError(ConfigError):
+    """A path the run would write, rename or delete leaves the data dir.
+
+    Raised for a symbolic link inside the data dir on such a path: a run never
+    follows one out of the data dir, nor deletes through one.
+    """

@@ -8,8 +8,12 @@ partitions through :class:`~tasks.storage.StagedPartition`::
     <data_dir>/ingested/<dataset>/run_date=<date>/part-00000.parquet   accepted rows
     <data_dir>/rejected/<dataset>/run_date=<date>/part-00000.parquet   rejected rows
 
-Both are committed only at the very end, so any failure leaves no partial output
-and earlier partitions untouched. Anything wrong with the input raises an
+Both are committed together only at the very end, so any failure leaves no partial
+output and earlier partitions untouched. With ``publish=False`` (the nightly
+flow) they stay staged: the flow publishes them with the run date's ``latent/``
+partition in one commit (:func:`tasks.partitions.commit_run_date`).
+
+Anything wrong with the input raises an
 :class:`~tasks.errors.InputError` (or ``SchemaError``/``ConfigError``) with a
 one-line message naming the file, the column or row, and what was expected.
 
@@ -59,7 +63,6 @@ from __future__ import annotations
 import atexit
 import codecs
 import csv
-import glob
 import gzip
 import io
 import json
@@ -92,7 +95,9 @@ from models.cells import TIMESTAMP_TYPE, CellProblem, cell_problems, parse_cells
 from models.cells import show as _show
 from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
 from tasks.policy import IO
-from tasks.storage import StagedPartition, validate_dataset_name
+from tasks.presets import WEATHERAUS_RULES
+from tasks.sources import resolve_sources as _resolve_sources
+from tasks.storage import StagedPartition, commit_partitions, validate_dataset_name
 from tasks.validate import (
     CompiledRule,
     Parsed,
@@ -120,22 +125,6 @@ __all__ = [
     "ingest_task",
 ]
 
-#: Domain rules that hold on every row of the real weatherAUS.csv (145,460 rows).
-#: Rain: the BoM sets RainToday = Yes iff Rainfall > 1 mm (exactly 1.0 is "No").
-#: Cloud is in oktas 0-8 with 9 = "sky obscured", so the range is 0-9.
-WEATHERAUS_RULES: tuple[str, ...] = (
-    "MinTemp <= MaxTemp",
-    "0 <= Humidity9am <= 100",
-    "0 <= Humidity3pm <= 100",
-    "0 <= Cloud9am <= 9",
-    "0 <= Cloud3pm <= 9",
-    "Rainfall >= 0",
-    "if Rainfall > 1 then RainToday == Yes",
-    "if Rainfall <= 1 then RainToday == No",
-    "RainToday in {No, Yes}",
-    "RainTomorrow in {No, Yes}",
-)
-
 KINDS = ("numeric", "categorical", "date", "timestamp", "text")
 ROLES = ("key", "feature", "label", "excluded")
 
@@ -153,7 +142,6 @@ _CATEGORICAL_LIMIT = 1000
 _HEAD_BYTES = 1 << 20  # the header must fit in the first MiB
 _SNIFF_BYTES = 1 << 16  # encoding/binary/delimiter checks look at this much
 _READ_AHEAD = 1  # CSV blocks pyarrow may read beyond the one handed out
-_DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
 _MAX_KEY_TRIES = 5000
 # Workers parsing a block's columns; the floor's CSV reader uses every core too.
 _PARSE_THREADS = max(2, min(8, os.cpu_count() or 2))
@@ -275,6 +263,9 @@ class IngestResult:
     warnings: list[str]
     schema: dict[str, Any]
     source_files: list[str]
+    #: False: ``ingested_dir`` and ``rejected_dir`` are sealed staged
+    #: directories, waiting for the run date's commit.
+    published: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,37 +291,6 @@ class _Retry(Exception):
         super().__init__(str(path))
         self.path = path
         self.hints = hints
-
-
-def _resolve_sources(source: str | Path) -> list[Path]:
-    """The data files ``source`` names: a file, a directory of them, or a glob."""
-    text = str(source)
-    path = Path(text)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
-        if not files:
-            raise InputError(
-                f"directory {path} has no data files: expected *.csv, *.csv.gz or"
-                " *.parquet"
-            )
-        return files
-    if path.exists():
-        if not path.is_file():
-            raise InputError(f"input {path} is not a regular file")
-        return [path]
-    if glob.has_magic(text):
-        matches = sorted(Path(p) for p in glob.glob(text))
-        files = [p for p in matches if p.is_file() and _is_data_file(p)]
-        if not files:
-            raise InputError(
-                f"no data files match {text!r}: expected *.csv, *.csv.gz or *.parquet"
-            )
-        return files
-    raise InputError(f"input file {path} does not exist")
-
-
-def _is_data_file(path: Path) -> bool:
-    return path.name.lower().endswith(_DATA_SUFFIXES)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -1056,6 +1016,7 @@ def ingest(
     expected_schema: dict | None = None,
     max_reject_fraction: float = 0.05,
     block_size: int = 8 << 20,
+    publish: bool = True,
 ) -> IngestResult:
     """Validate, type and write one run date's input as ingested/rejected partitions.
 
@@ -1087,6 +1048,10 @@ def ingest(
         More rejected rows than this share fails the run (nothing is written).
     block_size
         Bytes per CSV block; memory use is a few blocks, whatever the file size.
+    publish
+        Commit both partitions before returning. False leaves them sealed in
+        ``.staging`` (the result names the staged directories) for the caller
+        to commit with the run date's other outputs, or to discard.
 
     Returns
     -------
@@ -1136,6 +1101,7 @@ def ingest(
             max_reject_fraction=float(max_reject_fraction),
             block_size=int(block_size),
             hints=hints,
+            publish=publish,
         )
         try:
             return job.run()
@@ -1180,7 +1146,9 @@ class _Ingestion:
         max_reject_fraction: float,
         block_size: int,
         hints: dict[Path, _Hints],
+        publish: bool = True,
     ) -> None:
+        self.publish = publish
         self.source = source
         self.files = files
         self.data_dir = data_dir
@@ -1253,14 +1221,19 @@ class _Ingestion:
                     raise
                 self._close_writers()
                 self._finish()
-                ing.commit()
-                rej.commit()
+                ing.seal()
+                rej.seal()
+                if self.publish:
+                    commit_partitions(
+                        self.data_dir, [(ing.path, ing.final), (rej.path, rej.final)]
+                    )
         finally:
             stream.close()
             first.close()
         return IngestResult(
-            ingested_dir=str(ing.final),
-            rejected_dir=str(rej.final),
+            ingested_dir=str(ing.final if self.publish else ing.path),
+            rejected_dir=str(rej.final if self.publish else rej.path),
+            published=self.publish,
             rows_in=self.rows_in,
             rows_accepted=self.rows_accepted,
             rows_rejected=self.rows_rejected,

@@ -16,7 +16,8 @@ the single-process path does across files, before anything is published:
   count identical rows across all files;
 * the reject share is checked over all files (per-file runs accept any share);
 * the per-file Parquet files are moved, in file order, into one staged
-  ingested and one staged rejected partition, both committed at the end.
+  ingested and one staged rejected partition, both committed together at the
+  end (or, with ``publish=False``, left sealed for the run date's commit).
 
 Kinds and roles come from the first non-empty file (its first 10,000 rows).
 Every file is first ingested with its own inference, in parallel; a file whose
@@ -46,6 +47,7 @@ from tasks.errors import InputError, LatentflowError
 from tasks.ingest import IngestResult, _header_mismatch, _resolve_sources, ingest
 from tasks.partitions import discard_staged, open_staged, unit_file_name
 from tasks.policy import IO, PLAIN
+from tasks.storage import commit_partitions
 
 # The last checks of the single-process ingest (column-level facts); they are
 # recomputed over all files from the Parquet statistics.
@@ -197,8 +199,12 @@ def commit_ingest(
     *,
     source: str,
     max_reject_fraction: float,
+    publish: bool = True,
 ) -> IngestResult | None:
     """Check the files together and publish them as one partition pair.
+
+    With ``publish=False`` the pair is left sealed in ``.staging`` and the
+    result names the staged directories (see :func:`tasks.ingest.ingest`).
 
     Returns
     -------
@@ -257,14 +263,19 @@ def commit_ingest(
             name = unit_file_name(p.index)
             os.replace(ing_file, ing.file(name))
             os.replace(_one_file(Path(p.result.rejected_dir)), rej.file(name))
-        ing.commit()
-        rej.commit()
+        ing.seal()
+        rej.seal()
+        if publish:
+            commit_partitions(
+                Path(data_dir), [(ing.path, ing.final), (rej.path, rej.final)]
+            )
     finally:
         discard_staged(ing)
         discard_staged(rej)
     return IngestResult(
-        ingested_dir=str(ing.final),
-        rejected_dir=str(rej.final),
+        ingested_dir=str(ing.final if publish else ing.path),
+        rejected_dir=str(rej.final if publish else rej.path),
+        published=publish,
         rows_in=rows_in,
         rows_accepted=sum(p.result.rows_accepted for p in done),  # type: ignore[union-attr]
         rows_rejected=rejected,

@@ -13,7 +13,8 @@ so the same partition always gives the same units, whatever runs them.
 
 from __future__ import annotations
 
-import shutil
+import os
+import stat
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,8 +22,19 @@ from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from prefect import task
 
-from tasks.storage import StagedPartition, staging_root, validate_dataset_name
+from tasks.policy import PLAIN
+from tasks.storage import (
+    StagedPartition,
+    check_path,
+    commit_partitions,
+    discard_paths,
+    partition_dir,
+    remove_tree,
+    staging_root,
+    validate_dataset_name,
+)
 
 #: Rows per scoring unit at most. Row groups are never split, so a unit holds
 #: at least this many rows (or the rest of its file). Measured on 2 cores
@@ -155,12 +167,11 @@ def keep_only(staged: StagedPartition, names: Sequence[str]) -> None:
     """
     keep = set(names)
     for entry in staged.path.iterdir():
-        if entry.name in keep:
+        mode = os.lstat(entry).st_mode
+        if entry.name in keep and stat.S_ISREG(mode):
             continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        # A link is removed itself, never what it points at.
+        remove_tree(staged.data_dir, entry)
 
 
 def scratch_dir(data_dir: Path, what: str, dataset: str, run_date: date) -> Path:
@@ -172,11 +183,78 @@ def scratch_dir(data_dir: Path, what: str, dataset: str, run_date: date) -> Path
     validate_dataset_name(dataset)
     token = uuid.uuid4().hex[:12]
     path = staging_root(Path(data_dir)) / f"{what}.{dataset}.{run_date}.{token}"
+    check_path(Path(data_dir), path)
     path.mkdir(parents=True, exist_ok=False)
     return path
 
 
 def remove_scratch(path: Path | None) -> None:
-    """Remove a scratch directory and all in it (a no-op if it is gone)."""
+    """Remove a scratch directory and all in it (a no-op if it is gone).
+
+    Scratch directories live in ``<data_dir>/.staging``; links inside are
+    removed themselves, never followed.
+    """
     if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(Path(path).parent.parent, Path(path))
+
+
+# ------------------------------------------------------------------- commit
+
+
+def commit_run_date(
+    data_dir: Path, dataset: str, run_date: date, staged: dict[str, str]
+) -> dict[str, str]:
+    """Publish a run date's staged partitions together (see
+    :func:`tasks.storage.commit_partitions`).
+
+    Parameters
+    ----------
+    staged
+        Area (``ingested``, ``rejected``, ``latent``) -> sealed staged directory.
+
+    Returns
+    -------
+    dict
+        Area -> the published partition directory.
+    """
+    moves = [
+        (Path(path), partition_dir(Path(data_dir), area, dataset, run_date))
+        for area, path in staged.items()
+    ]
+    finals = commit_partitions(Path(data_dir), moves)
+    return {area: str(f) for area, f in zip(staged, finals, strict=True)}
+
+
+class RunOutputs:
+    """A run date's sealed staged partitions, from ingest until the commit.
+
+    Use as a context manager around the run: :meth:`add` each sealed
+    partition, then call :meth:`to_commit` right before the commit. If the
+    run fails before that, every staged partition is discarded, so nothing
+    is published; once the commit has begun its journal owns them (a commit
+    cut short is finished by the next run, see :mod:`tasks.storage`).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.staged: dict[str, str] = {}
+        self._committing = False
+
+    def __enter__(self) -> RunOutputs:
+        return self
+
+    def add(self, area: str, path: str) -> None:
+        self.staged[area] = path
+
+    def to_commit(self) -> dict[str, str]:
+        """The staged partitions by area; from now on they are not discarded."""
+        self._committing = True
+        return dict(self.staged)
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None and not self._committing:
+            discard_paths(self.data_dir, [Path(p) for p in self.staged.values()])
+
+
+# No retries: a commit cut short is finished by the next run's recovery.
+commit_run_date_task = task(commit_run_date, name="commit-run-date", **PLAIN)

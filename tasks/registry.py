@@ -3,10 +3,14 @@
 Tracking defaults to ``sqlite:///<data_dir>/mlflow.db`` with artifacts under
 ``<data_dir>/mlartifacts``; ``MLFLOW_TRACKING_URI`` wins when set. Nothing here
 runs at import time: the URI is set by :func:`configure` when a run starts.
+Where artifacts go is decided by :func:`configure` too, once, from what the user
+set: ``mlflow.set_tracking_uri`` itself exports ``MLFLOW_TRACKING_URI``, so the
+variable cannot tell a user's server from our own default afterwards.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -52,13 +56,13 @@ from tasks.errors import (
 )
 from tasks.faults import checkpoint
 from tasks.policy import PLAIN
+from tasks.storage import resolve_under
 
 CHAMPION = "champion"
 BUNDLE_ARTIFACT = "model_dir"
 PYFUNC_FILE = Path(models.__file__).with_name("pyfunc_model.py")
 MODELS_PKG = Path(models.__file__).parent
 _T = TypeVar("_T")
-_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,26 +73,158 @@ class RegisteredVersion:
     tracking_uri: str
 
 
+# Set by configure() beside MLFLOW_TRACKING_URI when the URI is the data dir's own
+# store, so that this process and its children can tell it from a user's.
+EMBEDDED_URI_ENV = "LATENTFLOW_EMBEDDED_TRACKING_URI"
+# Database stores without a server: MLflow would put their artifacts in ./mlruns.
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+INIT_LOCK_WAIT_SECONDS = 300.0
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a run's MLflow calls go, decided before MLflow is configured.
+
+    ``embedded`` is the data dir's own SQLite store (no user URI). With
+    ``artifact_root`` set, new experiments keep their artifacts under it, in the
+    data dir; None leaves the choice to the user's tracking server.
+    """
+
+    uri: str
+    embedded: bool
+    data_dir: Path
+    artifact_root: Path | None
+
+
+_active: Tracking | None = None
+
+
+def user_tracking_uri() -> str | None:
+    """``MLFLOW_TRACKING_URI`` as the user set it; None if unset or set by us."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not env or env == os.environ.get(EMBEDDED_URI_ENV):
+        return None
+    return env
+
+
+def is_database_store(uri: str) -> bool:
+    """A SQLAlchemy database URI (``sqlite:///…``, ``postgresql+psycopg2://…``)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    return scheme in _DB_SCHEMES
+
+
+def tracking_for(data_dir: Path) -> Tracking:
+    """The tracking target of a run on ``data_dir``; sets nothing."""
+    data_dir = Path(data_dir).resolve()
+    artifacts = data_dir / "mlartifacts"
+    user = user_tracking_uri()
+    if user is None:
+        uri = f"sqlite:///{(data_dir / 'mlflow.db').as_posix()}"
+        return Tracking(uri, embedded=True, data_dir=data_dir, artifact_root=artifacts)
+    # A database URI has no server to hold artifacts: keep them in the data dir,
+    # not in MLflow's default ./mlruns. A server (http, databricks) decides itself.
+    root = artifacts if is_database_store(user) else None
+    return Tracking(user, embedded=False, data_dir=data_dir, artifact_root=root)
+
+
 def tracking_uri_for(data_dir: Path) -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(Path(data_dir).resolve() / 'mlflow.db').as_posix()}"
+    return tracking_for(data_dir).uri
 
 
-def configure(data_dir: Path) -> str:
-    """Point MLflow at the run's store; returns the tracking URI."""
+def configure(data_dir: Path) -> Tracking:
+    """Point MLflow at the run's store, created if new; returns where it points."""
     import mlflow
 
-    uri = tracking_uri_for(data_dir)
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    global _active
+    tracking = tracking_for(data_dir)
+    tracking.data_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking.uri)
+    mlflow.set_registry_uri(tracking.uri)
+    if tracking.embedded:
+        os.environ[EMBEDDED_URI_ENV] = tracking.uri
     # Bounded retries: a registry that is down fails the run in seconds, not hours.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    return uri
+    if is_database_store(tracking.uri):
+        init_store(tracking)
+    _active = tracking
+    _warn_outside(tracking)
+    return tracking
+
+
+def active_tracking(data_dir: Path) -> Tracking:
+    """What :func:`configure` decided for ``data_dir``, configuring it if not yet."""
+    if _active is not None and _active.data_dir == Path(data_dir).resolve():
+        return _active
+    return configure(data_dir)
+
+
+class _InitLock:
+    """``flock`` on ``<data_dir>/.locks/mlflow-init.lock``: one store creator."""
+
+    def __init__(self, data_dir: Path, wait_seconds: float) -> None:
+        self.path = resolve_under(data_dir, ".locks", "mlflow-init.lock")
+        self.wait_seconds = wait_seconds
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RegistryError(
+                        f"the MLflow store was not free within {self.wait_seconds:.0f}s"
+                        f" (lock {self.path} held by another run)"
+                    ) from None
+                time.sleep(0.1)
+        self._fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def init_store(
+    tracking: Tracking, wait_seconds: float = INIT_LOCK_WAIT_SECONDS
+) -> None:
+    """Create (or migrate) the database store, one process at a time.
+
+    MLflow creates a store's schema on first use, in every process that finds it
+    missing; runs started together on a fresh data dir then race in alembic
+    ("Online migration expected to match one row"). Under the data dir's lock the
+    first run creates it and the others find it complete. The store is built here
+    with the data dir's artifact root so that even MLflow's "Default" experiment,
+    created with the schema, points into the data dir rather than at ./mlruns.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.exc import SQLAlchemyError
+
+    root = tracking.artifact_root or tracking.data_dir / "mlartifacts"
+
+    def create() -> None:
+        try:
+            SqlAlchemyStore(tracking.uri, root.as_uri())
+        except SQLAlchemyError as exc:
+            # e.g. "database is locked" beyond SQLite's busy timeout: retried.
+            raise MlflowException(
+                str(exc).splitlines()[0], error_code=TEMPORARILY_UNAVAILABLE
+            ) from exc
+
+    with _InitLock(tracking.data_dir, wait_seconds):
+        _safe("open its store", create)
 
 
 def _store_file() -> str | None:
@@ -142,17 +278,72 @@ def ensure_experiment(dataset: str, data_dir: Path) -> str:
     import mlflow
 
     name = f"latentflow-{dataset}"
+    tracking = active_tracking(data_dir)
 
     def get_or_create() -> str:
         exp = mlflow.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = (Path(data_dir).resolve() / "mlartifacts" / dataset).as_uri()
+        if tracking.artifact_root is not None:
+            location = (tracking.artifact_root / dataset).as_uri()
         return mlflow.create_experiment(name, artifact_location=location)
 
     return _safe(f"open experiment {name}", get_or_create)
+
+
+def outside_data_dir(tracking: Tracking) -> dict[str, Path]:
+    """latentflow experiments whose artifacts are local but not in the data dir.
+
+    Older versions let them default to ``<working dir>/mlruns``. MLflow cannot
+    change an experiment's artifact location, so their runs and models stay
+    where they are; docs/operations.md says how to move them.
+    """
+    from urllib.parse import unquote, urlparse
+
+    from mlflow import MlflowClient
+
+    if tracking.artifact_root is None:
+        return {}
+    experiments = _safe(
+        "list experiments",
+        lambda: MlflowClient().search_experiments(
+            filter_string="name LIKE 'latentflow-%'"
+        ),
+    )
+    found: dict[str, Path] = {}
+    for exp in experiments:
+        parsed = urlparse(exp.artifact_location)
+        if parsed.scheme not in ("", "file"):
+            continue
+        raw = unquote(parsed.path) if parsed.scheme else exp.artifact_location
+        path = Path(raw).resolve()
+        if not path.is_relative_to(tracking.data_dir):
+            found[exp.name] = path
+    return found
+
+
+def _warn_outside(tracking: Tracking) -> None:
+    """One warning line naming every experiment kept outside the data dir."""
+    outside = outside_data_dir(tracking)
+    if outside:
+        where = "; ".join(f"{name} in {path}" for name, path in outside.items())
+        _warning(
+            f"model artifacts outside the data dir {tracking.data_dir}: {where};"
+            " deleting those directories loses the models. To move them, see"
+            " 'Artifacts outside the data dir' in docs/operations.md"
+        )
+
+
+def _warning(message: str) -> None:
+    """A warning in the run's log when there is a run, else Python logging."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        _log.warning(message)
 
 
 def _bundle_path(downloaded: Path) -> Path:

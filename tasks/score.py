@@ -8,7 +8,11 @@ The work is cut into :class:`~tasks.partitions.WorkUnit` s (whole row groups of
 the ingested files). The single-machine path scores one unit that covers the
 whole partition into ``part-00000.parquet``; a partitioned run scores many
 units in parallel, each into its own file, and :func:`commit_scores` swaps them
-in together. Both read every row group on its own (batches never span two row
+in together. With ``publish=False`` (the nightly flow) the checked partition is
+left sealed in ``.staging`` instead, and the flow publishes it with the run
+date's ingested and rejected partitions in one commit.
+
+Both paths read every row group on its own (batches never span two row
 groups), so a row is scored in the same batch shape, with the same result,
 whichever way the partition was cut.
 """
@@ -61,6 +65,9 @@ class ScoreResult:
     top_anomalies: list[dict[str, Any]] = field(default_factory=list)
     units: int = 1
     compute_seconds: float = 0.0  # summed over units: in-task wall time
+    #: Where the rows are until the run date's commit; "" once published
+    #: (``output_dir`` is the partition's final place either way).
+    staged_dir: str = ""
 
 
 @dataclass
@@ -405,9 +412,13 @@ def merge_results(output_dir: Path, results: Sequence[UnitResult]) -> ScoreResul
 
 
 def commit_scores(
-    staged: StagedPartition, units: Sequence[WorkUnit], results: Sequence[UnitResult]
+    staged: StagedPartition,
+    units: Sequence[WorkUnit],
+    results: Sequence[UnitResult],
+    publish: bool = True,
 ) -> ScoreResult:
-    """Check every unit's file, then swap the staged partition in whole.
+    """Check every unit's file, then swap the staged partition in whole
+    (``publish=False``: seal it for the run date's commit instead).
 
     Each unit has exactly one file, named by its index, holding exactly its
     planned rows; anything else in the staged directory (a killed attempt's
@@ -427,8 +438,12 @@ def commit_scores(
             raise RuntimeError(
                 f"{path}: {written} rows written, {u.rows} planned for unit {u.index}"
             )
-    final = staged.commit()
-    return merge_results(final, [by_index[u.index] for u in units])
+    merged = [by_index[u.index] for u in units]
+    if publish:
+        return merge_results(staged.commit(), merged)
+    result = merge_results(staged.final, merged)
+    result.staged_dir = str(staged.seal())
+    return result
 
 
 def score_partition(
@@ -444,8 +459,10 @@ def score_partition(
     config_hash: str,
     batch_rows: int = 65536,
     device: str = "cpu",
+    publish: bool = True,
 ) -> ScoreResult:
-    """Score every ingested row and commit ``latent/<dataset>/run_date=...``.
+    """Score every ingested row and commit ``latent/<dataset>/run_date=...``
+    (``publish=False``: leave it sealed in ``.staging``, see :func:`commit_scores`).
 
     The single-machine path: one unit, one output file, in this process.
     """
@@ -468,7 +485,7 @@ def score_partition(
             )
             for u in units
         ]
-        return commit_scores(part, units, results)
+        return commit_scores(part, units, results, publish=publish)
 
 
 def _keep_top(top: list[tuple[float, int]], err: np.ndarray, ids: np.ndarray) -> None:

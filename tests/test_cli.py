@@ -63,6 +63,8 @@ def test_run_prints_one_json_line(small_csv, tmp_path):
     ],
 )
 def test_user_errors_are_one_line_no_traceback(tmp_path, args, expect):
+    # The input exists: the option, not the missing file, is what is refused.
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     r = cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
@@ -74,3 +76,51 @@ def test_user_errors_are_one_line_no_traceback(tmp_path, args, expect):
         if ln.startswith(("latentflow", "usage"))
     ]
     assert err_lines, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "arg", "expect"),
+    [
+        (None, "missing.csv", "missing.csv does not exist"),
+        (None, "drops/*.csv", "no data files match"),
+        ("dir", "drops", "has no data files"),
+        ("config", "--config", "missing.csv does not exist"),
+    ],
+)
+def test_bad_input_is_fast_quiet_and_writes_nothing(tmp_path, make, arg, expect):
+    """Checked before any engine starts: one line, exit 2, nothing created."""
+    import time
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "notes.txt").write_text("not data")
+    args = ["--input", str(inputs / arg)]
+    if make == "dir":
+        (inputs / "drops").mkdir()
+        (inputs / "drops" / "readme.md").write_text("no data here")
+    elif make == "config":
+        cfg = inputs / "run.yaml"
+        cfg.write_text(f"input: {inputs / 'missing.csv'}\n")
+        args = ["--config", str(cfg)]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    data = tmp_path / "data"
+    before = sorted(inputs.rglob("*"))
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [str(BIN), "run", *args, "--data-dir", str(data)],
+        cwd=cwd,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    took = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stdout == ""
+    assert r.stderr.splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("latentflow: error: ") and expect in r.stderr
+    assert took < 5.0, f"took {took:.1f}s"
+    assert list(cwd.iterdir()) == []
+    assert not data.exists() and not (tmp_path / "prefect-home").exists()
+    assert sorted(inputs.rglob("*")) == before

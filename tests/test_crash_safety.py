@@ -35,6 +35,8 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
         if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING", "LATENTFLOW_"))
     }
     env["PREFECT_HOME"] = str(home / "prefect-home")
+    # A loaded CI machine can take longer than Prefect's 20 s default.
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     env.update(extra)
     return env
 
@@ -128,20 +130,80 @@ def first_run(tmp_path_factory):
     return csv, data, json.loads(out)
 
 
+def other_input(root: Path, rows: int, seed: int) -> Path:
+    """A weatherAUS-like file with other rows than the first run's, and one
+    row that is rejected: every area of a run date changes when it is run."""
+    from tasks.synthetic import write_weatheraus_like_csv
+
+    csv = write_weatheraus_like_csv(root / f"v{seed}" / "weatherAUS.csv", rows, seed)
+    lines = csv.read_text().splitlines()
+    header, last = lines[0].split(","), lines[-1].split(",")
+    last[header.index("MinTemp")] = "warm"  # not a number: rejected
+    last[header.index("Date")] = "2031-01-01"  # a key of its own
+    csv.write_text("\n".join([*lines, ",".join(last)]) + "\n")
+    return csv
+
+
+def partition(data: Path, area: str, run_date: str = DATE) -> Path:
+    return data / area / "weatheraus" / f"run_date={run_date}"
+
+
+def run_date_view(data: Path, run_date: str = DATE) -> dict[str, object]:
+    """What a reader of one run date sees: ingested and latent row ids, the
+    rejected rows' source files, and latent's run date and model version."""
+    ing = pd.read_parquet(partition(data, "ingested", run_date))
+    rej = pd.read_parquet(partition(data, "rejected", run_date))
+    lat_dir = partition(data, "latent", run_date)
+    lat = pd.read_parquet(lat_dir)
+    meta = pq.read_schema(next(lat_dir.glob("*.parquet"))).metadata
+    return {
+        "ingested": frozenset(ing["_row_id"]),
+        "rejected": sorted(set(rej["_source_file"])),
+        "rejected_rows": len(rej),
+        "latent": frozenset(lat["_row_id"]),
+        "latent_run_date": meta[b"latentflow.run_date"].decode(),
+    }
+
+
+def assert_consistent(view: dict[str, object]) -> None:
+    """The three areas come from one run: latent scored exactly the ingested rows."""
+    assert view["latent"] == view["ingested"]
+    assert view["latent_run_date"] == DATE
+
+
+@pytest.fixture(scope="module")
+def new_input(first_run):
+    _csv, data, _ = first_run
+    return other_input(data.parent, 5000, seed=11)
+
+
+# Every stage of a run, up to the commit's journal: killed there, the date
+# keeps the earlier run's outputs, byte for byte.
 @pytest.mark.parametrize(
     "stage",
-    ["commit-ingested", "train", "register", "score", "commit-latent"],
+    [
+        "staged-ingested",
+        "train",
+        "register",
+        "score",
+        "staged-latent",
+        "commit-begin",
+    ],
 )
-def test_sigkill_leaves_previous_outputs_intact(first_run, stage):
-    csv, data, summary = first_run
+def test_sigkill_leaves_previous_outputs_intact(first_run, new_input, stage):
+    _csv, data, summary = first_run
     before = snapshot(data)
+    old_view = run_date_view(data)
     champ = champion_version(data)
     # --retrain so the run passes through training and the registry on its way.
-    p = start(csv, data, "--run-date", DATE, "--retrain", LATENTFLOW_CRASH_AT=stage)
+    p = start(
+        new_input, data, "--run-date", DATE, "--retrain", LATENTFLOW_CRASH_AT=stage
+    )
     rc, out, err = finish(p)
     assert rc == -signal.SIGKILL, f"the run did not reach {stage}: {err[-3000:]}"
     assert out == ""
     assert snapshot(data) == before
+    assert run_date_view(data) == old_view
     assert_clean_outputs(data)
     # The alias only moves after a complete, loadable version exists.
     assert champion_version(data) >= champ
@@ -215,3 +277,96 @@ def test_registry_down_fails_cleanly(first_run):
     assert "Traceback" not in err
     assert snapshot(data) == before
     assert champion_version(data) >= summary["model_version"]
+
+
+# Killed once the commit's journal is written: the next run (of any date)
+# finishes the commit first, so the date holds the new run's outputs in all
+# three areas. Each case runs its own input, so old and new always differ.
+# (Every commit crash point, against every area, is covered on real directories
+# in tests/test_storage.py; here two of them go through real runs.)
+@pytest.mark.parametrize(
+    ("stage", "seed"), [("commit-journal", 21), ("commit-swap-rejected", 22)]
+)
+def test_sigkill_mid_commit_is_rolled_forward(first_run, stage, seed):
+    _csv, data, _ = first_run
+    old_view = run_date_view(data)
+    assert_consistent(old_view)
+    # Keys come from the row count, not the seed: each case has its own count.
+    new_csv = other_input(data.parent, 1000 + 100 * seed, seed=seed)
+    rc, out, err = finish(
+        start(new_csv, data, "--run-date", DATE, LATENTFLOW_CRASH_AT=stage)
+    )
+    assert out == ""
+    assert rc == -signal.SIGKILL, f"the run did not reach {stage}: {err[-3000:]}"
+    journal = data / ".staging" / f"commit.weatheraus.{DATE}.json"
+    assert journal.is_file()  # marks the date as being committed
+    # The next run, for another date, recovers this one under the lock.
+    other_date = f"2024-07-{seed - 10:02d}"
+    rc, _out, err = finish(start(new_csv, data, "--run-date", other_date))
+    assert rc == 0, err[-2000:]
+    assert not journal.exists()
+    view = run_date_view(data)
+    assert_consistent(view)
+    assert view["ingested"] != old_view["ingested"]
+    # Same input, same ingest: the recovered date equals the fresh run's.
+    fresh = run_date_view(data, other_date)
+    assert view["ingested"] == fresh["ingested"]
+    assert view["rejected"] == fresh["rejected"] == [str(new_csv)]
+    assert view["rejected_rows"] == fresh["rejected_rows"] == 1
+    assert_clean_outputs(data)
+    assert not [p for p in (data / ".staging").iterdir() if "weatheraus" in p.name]
+
+
+class _NoWrites(_Failing):
+    """A registry that looks empty but fails every write: it "goes down"
+    after the run has ingested, trained and tries to register."""
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"}')
+
+
+def test_runs_failing_after_ingest_publish_nothing(first_run, new_input, tmp_path):
+    _csv, data, _ = first_run
+    before = snapshot(data)
+    fresh_date = "2024-09-01"
+    # n_clusters larger than the rows: training fails after ingest.
+    tiny = other_input(tmp_path, 60, seed=31)
+    cfg = tmp_path / "clusters.yaml"
+    cfg.write_text("n_clusters: 200\n")
+    failures = [
+        finish(
+            start(
+                tiny, data, "--run-date", fresh_date, "--retrain", "--config", str(cfg)
+            )
+        )
+    ]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoWrites)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        failures.append(
+            finish(
+                start(
+                    new_input,
+                    data,
+                    "--run-date",
+                    fresh_date,
+                    MLFLOW_TRACKING_URI=url,
+                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+                    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+                )
+            )
+        )
+    finally:
+        server.shutdown()
+    for rc, out, err in failures:
+        assert rc != 0 and out == "", err[-2000:]
+    assert "MLflow registry failed" in failures[-1][2]
+    # Every visible file, of every date: earlier outputs unchanged, none added.
+    assert snapshot(data) == before
+    for area in ("ingested", "rejected", "latent"):
+        assert not partition(data, area, fresh_date).exists()
+    assert not [p for p in (data / ".staging").iterdir() if "weatheraus" in p.name]

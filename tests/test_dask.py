@@ -40,6 +40,7 @@ DASK = Path(sys.executable).with_name("dask")
 D1 = date(2024, 3, 1)
 FAST = {"epochs": 3, "hidden": (16,), "latent_dim": 3, "batch_size": 128}
 ROWS, FILES = 3000, 3
+AREAS = ("ingested", "rejected", "latent")
 
 
 def run(src: Path, data: Path, **kw: Any) -> dict[str, Any]:
@@ -254,17 +255,25 @@ def test_killed_worker_is_replaced_and_no_row_is_lost(sequential, source, dask_c
     assert all(p.name.startswith("part-") for p in out.iterdir())
 
 
-def test_failed_unit_leaves_the_previous_partition(sequential, source, monkeypatch):
+def test_failed_unit_leaves_the_previous_partition(
+    sequential, source, monkeypatch, tmp_path
+):
     """A unit that fails (here: on the threads runner) fails the run; the
-    previous partition stays byte for byte, and no staged files are left."""
+    date's previous partitions, ingested and rejected too, stay byte for
+    byte although the new input ingested fine, and no staged files are left."""
     from prefect import task
 
     import flows.nightly
     from tasks.score import score_unit
 
     data = sequential["data"]
-    latent = data / "latent" / "weatheraus" / f"run_date={D1}"
-    before = snapshot(latent)
+    areas = [data / a / "weatheraus" / f"run_date={D1}" for a in AREAS]
+    before = [snapshot(p) for p in areas]
+    # Other rows than the reference run's: two of its three files.
+    fewer = tmp_path / "weatherAUS"
+    fewer.mkdir()
+    for f in sorted(source.glob("*.csv"))[:2]:
+        (fewer / f.name).write_bytes(f.read_bytes())
 
     def failing(unit: Any, *args: Any, **kwargs: Any) -> Any:
         if unit.index == 1:
@@ -275,8 +284,6 @@ def test_failed_unit_leaves_the_previous_partition(sequential, source, monkeypat
         flows.nightly, "score_unit_task", task(failing, name="score-unit")
     )
     with pytest.raises(OSError, match="No space left"):
-        run(source, data, runner="threads")
-    assert snapshot(latent) == before
-    assert not [
-        p for p in (data / ".staging").iterdir() if p.name.startswith("latent.")
-    ]
+        run(fewer, data, runner="threads")
+    assert [snapshot(p) for p in areas] == before
+    assert not list((data / ".staging").iterdir())

@@ -96,17 +96,18 @@ def trained(tmp_path_factory) -> SimpleNamespace:
 def registry_at(data: Path) -> Iterator[None]:
     """MLflow pointed at ``data``'s store; the environment left as it was
     (``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``)."""
-    from tasks.registry import configure
+    from tasks.registry import EMBEDDED_URI_ENV, configure
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    names = ("MLFLOW_TRACKING_URI", EMBEDDED_URI_ENV)
+    saved = {k: os.environ.pop(k, None) for k in names}
     try:
         configure(data)
         yield
     finally:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 @pytest.fixture

@@ -113,11 +113,14 @@ def test_unreachable_scheduler_is_one_line():
 
 def test_unreachable_scheduler_through_the_cli(prefect_harness, tmp_path, capsys):
     port = _closed_port()
+    # A valid input: the input is checked first, so only the scheduler is wrong.
+    src = tmp_path / "in.csv"
+    src.write_text("a,b\n1,2\n3,4\n")
     rc = main(
         [
             "run",
             "--input",
-            str(tmp_path / "missing.csv"),
+            str(src),
             "--data-dir",
             str(tmp_path / "lf"),
             "--runner",

@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench bench-quality serve clean
+.PHONY: install demo test lint format bench bench-quality bench-anomaly serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: install
 
 bench-quality: install
 	$(PY) -m benchmarks.quality
+
+# Real anomaly data sets from ../shared/data/anomaly (skips when absent).
+bench-anomaly: install
+	$(PY) -m benchmarks.anomaly
 
 # Prefect server + scheduled deployments + MLflow UI, all on 127.0.0.1; Ctrl-C stops all.
 serve: install

@@ -143,7 +143,9 @@ def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str
     from flows.config import build_config
 
     cfg = build_config(config_file, overrides)
-    check_sources(cfg.input)  # an input from a config file: still before the engine
+    # The options first, then the input: both in well under a second, before
+    # Prefect or MLflow is imported and before anything is created on disk.
+    check_sources(cfg.input)
     # The flow imports torch and MLflow (seconds): only once the run is valid.
     from flows.nightly import nightly
     from flows.runtime_checks import check_prefect_database, check_runtime
@@ -253,10 +255,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise LatentflowError(
                     "--input (or a --config with 'input') is required"
                 )
-            if args.input:
-                # A mistyped path fails here, in milliseconds: before Prefect or
-                # MLflow is imported and before anything is created on disk.
-                check_sources(args.input)
             summary = run_pipeline(args.config, _overrides(args))
     except LatentflowError as exc:
         print(f"latentflow: error: {exc}", file=sys.stderr)

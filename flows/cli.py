@@ -99,6 +99,8 @@ def _quiet_logging() -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow sets its own loggers to INFO when imported, after this runs.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     # No network here or on most workers: telemetry only produces error lines.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

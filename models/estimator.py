@@ -35,6 +35,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from models.density import DensityScore, marginal_columns
 from models.family import contamination_threshold
 from models.networks import ACTIVATIONS, AutoencoderNetwork
 from models.objectives import OBJECTIVES
@@ -42,7 +43,11 @@ from models.objectives import OBJECTIVES
 KINDS = tuple(OBJECTIVES)
 
 FORMAT_NAME = "latentflow.AutoencoderReducer"
-FORMAT_VERSION = 1
+#: 2 added ``score_method`` and the density scorer; version 1 files still load
+#: (as ``score_method="reconstruction"``, the only score they knew).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SCORE_METHODS = ("density", "reconstruction")
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "estimator.json"
 
@@ -182,6 +187,15 @@ default="relu"
         KL weight for ``kind="vae"``.
     contamination : float in (0, 0.5], default=0.01
         Expected share of anomalies in the training data; sets ``threshold_``.
+    score_method : {"density", "reconstruction"}, default="density"
+        The anomaly score (higher is more anomalous):
+
+        - ``"density"``: how unusual the row is in the autoencoder's space and
+          column by column: its distance to the nearest row of small random
+          subsets of the training rows, measured on the standardised code plus
+          the reconstruction-error norm, added to the histogram surprisal of each
+          value (see :mod:`models.density`).
+        - ``"reconstruction"``: the mean squared reconstruction error.
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
@@ -218,8 +232,11 @@ default="relu"
         ``history_["val_loss"][best_epoch_]``: pure reconstruction MSE averaged
         over rows and features, comparable with PCA's.
     decision_scores_ : ndarray of shape (n_samples,)
-        Reconstruction errors of the training rows (all of them, validation rows
-        included).
+        Anomaly scores of the training rows (all of them, validation rows
+        included); with ``score_method="density"`` a row is never its own
+        neighbour.
+    scorer_ : DensityScore or None
+        The fitted density score (None with ``score_method="reconstruction"``).
     threshold_ : float
         ``np.quantile(decision_scores_, 1 - contamination)``.
     labels_ : ndarray of shape (n_samples,)
@@ -255,6 +272,7 @@ default="relu"
         "contractive_weight": [Interval(Real, 0, None, closed="left")],
         "beta": [Interval(Real, 0, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "score_method": [StrOptions(set(SCORE_METHODS))],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -278,6 +296,7 @@ default="relu"
         contractive_weight: float = 1e-4,
         beta: float = 1.0,
         contamination: float = 0.01,
+        score_method: str = "density",
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
@@ -298,6 +317,7 @@ default="relu"
         self.contractive_weight = contractive_weight
         self.beta = beta
         self.contamination = contamination
+        self.score_method = score_method
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -336,6 +356,7 @@ default="relu"
             n_val = 0
         order = rng.permutation(n_samples)
         init_seed, train_seed = (int(s) for s in rng.randint(0, _SEED_HIGH, size=2))
+        score_seed = int(rng.randint(0, _SEED_HIGH))
 
         # Seed the initialisation without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
@@ -372,8 +393,19 @@ default="relu"
         self.n_epochs_ = len(history["train_loss"])
         self.best_epoch_ = best_epoch
         self.val_loss_ = float(history["val_loss"][best_epoch])
-        _, errors = self._forward(X32, latent=False, error=True)
-        self.decision_scores_ = errors.astype(np.float64)
+        self.scorer_ = None
+        if self.score_method == "density":
+            codes, sq_errors = self._codes_and_cell_errors(X32)
+            scorer = DensityScore(
+                n_features,
+                network.latent_dim,
+                n_marginal=marginal_columns(X32).shape[0],
+            )
+            self.decision_scores_ = scorer.fit(X32, codes, sq_errors, score_seed)
+            self.scorer_ = scorer.to(device)
+        else:
+            _, errors = self._forward(X32, latent=False, error=True)
+            self.decision_scores_ = errors.astype(np.float64)
         self.threshold_ = contamination_threshold(
             self.decision_scores_, self.contamination
         )
@@ -504,14 +536,22 @@ default="relu"
 
     # -- inference ------------------------------------------------------------
     def _forward(
-        self, X32: np.ndarray, *, latent: bool, error: bool
+        self,
+        X32: np.ndarray,
+        *,
+        latent: bool,
+        error: bool,
+        reconstruction: bool = False,
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Codes and/or per-row reconstruction MSE for a float32 C-contiguous array.
+        """Codes and/or per-row scores for a float32 C-contiguous array.
 
         The single code path behind ``transform``, ``decision_function`` and
-        ``encode_and_score``, so their outputs agree exactly.
+        ``encode_and_score``, so their outputs agree exactly. The score is the
+        anomaly score of ``score_method``, or the reconstruction MSE when
+        ``reconstruction`` is set.
         """
         network = self.network_
+        scorer = None if reconstruction else getattr(self, "scorer_", None)
         device = torch.device(self.device_)
         n = X32.shape[0]
         codes = np.empty((n, network.latent_dim), dtype=np.float32) if latent else None
@@ -525,8 +565,26 @@ default="relu"
                     codes[start:stop] = code.cpu().numpy()
                 if errors is not None:
                     sq = network.infer_decode(code).sub_(batch).square_()
-                    errors[start:stop] = sq.mean(dim=1).cpu().numpy()
+                    row = sq.mean(dim=1) if scorer is None else scorer(batch, code, sq)
+                    errors[start:stop] = row.cpu().numpy()
         return codes, errors
+
+    def _codes_and_cell_errors(self, X32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (n, latent_dim) and squared errors of every cell (n, n_features)."""
+        network = self.network_
+        device = torch.device(self.device_)
+        n = X32.shape[0]
+        codes = np.empty((n, network.latent_dim), dtype=np.float32)
+        cells = np.empty_like(X32)
+        with torch.inference_mode():
+            for start in range(0, n, INFERENCE_BATCH):
+                stop = min(start + INFERENCE_BATCH, n)
+                batch = _rows_tensor(X32[start:stop], device)
+                code = network.infer_encode(batch)
+                codes[start:stop] = code.cpu().numpy()
+                sq = network.infer_decode(code).sub_(batch).square_()
+                cells[start:stop] = sq.cpu().numpy()
+        return codes, cells
 
     def _validated(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
@@ -607,7 +665,8 @@ default="relu"
         )
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Reconstruction error of each row: higher is more anomalous.
+        """Anomaly score of each row (see ``score_method``): higher is more
+        anomalous.
 
         Parameters
         ----------
@@ -617,8 +676,7 @@ default="relu"
         Returns
         -------
         scores : ndarray of shape (n_samples,)
-            Mean squared error over features (float64 holding the float32 values
-            :meth:`encode_and_score` returns).
+            Float64 holding the float32 values :meth:`encode_and_score` returns.
         """
         X = self._validated(X)
         _, errors = self._forward(
@@ -654,9 +712,17 @@ default="relu"
         Returns
         -------
         score : float
-            ``-mean(decision_function(X))``.
+            Minus the mean squared reconstruction error over rows and features,
+            whatever ``score_method`` is.
         """
-        return -float(np.mean(self.decision_function(X)))
+        X = self._validated(X)
+        _, errors = self._forward(
+            np.ascontiguousarray(X, dtype=np.float32),
+            latent=False,
+            error=True,
+            reconstruction=True,
+        )
+        return -float(np.mean(errors, dtype=np.float64))
 
     def feature_errors(self, X: Any) -> np.ndarray | pd.DataFrame:
         """Squared reconstruction error of every cell.
@@ -693,8 +759,40 @@ default="relu"
             )
         return errors
 
+    def score_contributions(self, X: Any) -> np.ndarray:
+        """Each feature's part of the anomaly score.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to explain.
+
+        Returns
+        -------
+        contributions : ndarray of shape (n_samples, n_features_in_), float32
+            Non-negative; each row's mean equals :meth:`decision_function` (up to
+            float32 rounding). With ``score_method="reconstruction"`` these are
+            the squared cell errors of :meth:`feature_errors`.
+        """
+        scorer = getattr(self, "scorer_", None)
+        if scorer is None:
+            return np.asarray(self.feature_errors(X), dtype=np.float32)
+        X32 = np.ascontiguousarray(self._validated(X), dtype=np.float32)
+        device = torch.device(self.device_)
+        out = np.empty_like(X32)
+        net = self.network_
+        with torch.inference_mode():
+            for start in range(0, X32.shape[0], INFERENCE_BATCH):
+                stop = min(start + INFERENCE_BATCH, X32.shape[0])
+                batch = _rows_tensor(X32[start:stop], device)
+                code = net.infer_encode(batch)
+                sq = net.infer_decode(code).sub_(batch).square_()
+                part = scorer.contributions(batch, code, sq)
+                out[start:stop] = part.cpu().numpy()
+        return out
+
     def encode_and_score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Codes and reconstruction errors in one forward pass: the hot scoring path.
+        """Codes and anomaly scores in one forward pass: the hot scoring path.
 
         No pandas and no scikit-learn validation (only a shape check): ``X``
         should already be a finite float32 array; other dtypes are converted.
@@ -708,7 +806,7 @@ default="relu"
         -------
         latent : ndarray of shape (n_samples, latent_dim), float32
             Same values as ``transform(X)``.
-        recon_error : ndarray of shape (n_samples,), float32
+        score : ndarray of shape (n_samples,), float32
             Same values as ``decision_function(X)``.
         """
         check_is_fitted(self)
@@ -784,6 +882,14 @@ default="relu"
         tensors["decision_scores_"] = torch.from_numpy(
             np.asarray(self.decision_scores_, dtype=np.float64).copy()
         )
+        scorer = getattr(self, "scorer_", None)
+        if scorer is not None:
+            tensors.update(
+                {
+                    f"scorer.{k}": v.detach().cpu().contiguous()
+                    for k, v in scorer.state_dict().items()
+                }
+            )
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         weights = buffer.getvalue()
@@ -802,6 +908,7 @@ default="relu"
             "format_version": FORMAT_VERSION,
             "params": params,
             "architecture": self.network_.config(),
+            "scorer": None if scorer is None else scorer.config(),
             "fitted": {
                 "n_features_in_": int(self.n_features_in_),
                 "feature_names_in_": None if names is None else [str(c) for c in names],
@@ -850,11 +957,24 @@ default="relu"
         where = f"{META_FILE} in {path}"
         try:
             params = dict(meta["params"])
+            if meta["format_version"] == 1:
+                params["score_method"] = "reconstruction"
             params["hidden"] = tuple(params["hidden"])
             params["device"] = device
             estimator = cls(**params)
             estimator._validate_params()
             network = AutoencoderNetwork.from_config(meta["architecture"])
+            scorer_config = meta.get("scorer")
+            scorer = (
+                None
+                if scorer_config is None
+                else DensityScore.from_config(dict(scorer_config))
+            )
+            if (scorer is None) != (estimator.score_method != "density"):
+                raise ValueError(
+                    f"score_method={estimator.score_method!r} does not match the "
+                    f"scorer entry ({'none' if scorer is None else 'density'})"
+                )
             fitted = meta["fitted"]
             n_features = int(fitted["n_features_in_"])
             names = fitted["feature_names_in_"]
@@ -888,6 +1008,8 @@ default="relu"
         tensors = _read_weights(path, expected_sha)
         where = f"{WEIGHTS_FILE} in {path}"
         expected = {f"network.{k}": v for k, v in network.state_dict().items()}
+        if scorer is not None:
+            expected.update({f"scorer.{k}": v for k, v in scorer.state_dict().items()})
         required = {*expected, "decision_scores_"}
         missing = sorted(required - set(tensors))
         unexpected = sorted(set(tensors) - required)
@@ -897,7 +1019,12 @@ default="relu"
                 f"missing {missing}, unexpected {unexpected}"
             )
         for key, ref in expected.items():
-            if tensors[key].shape != ref.shape or not tensors[key].is_floating_point():
+            kind_ok = (
+                tensors[key].is_floating_point()
+                if ref.is_floating_point()
+                else tensors[key].dtype == ref.dtype
+            )
+            if tensors[key].shape != ref.shape or not kind_ok:
                 raise ValueError(
                     f"{where} does not match the architecture in {META_FILE}: "
                     f"{key} has shape {tuple(tensors[key].shape)} "
@@ -909,9 +1036,25 @@ default="relu"
 
         resolved = _resolve_device(device)
         network.load_state_dict(
-            {k.removeprefix("network."): tensors[k] for k in expected}, strict=True
+            {
+                k.removeprefix("network."): tensors[k]
+                for k in expected
+                if k.startswith("network.")
+            },
+            strict=True,
         )
         network.to(resolved).eval()
+        if scorer is not None:
+            scorer.load_state_dict(
+                {
+                    k.removeprefix("scorer."): tensors[k]
+                    for k in expected
+                    if k.startswith("scorer.")
+                },
+                strict=True,
+            )
+            scorer.to(resolved)
+        estimator.scorer_ = scorer
         estimator.network_ = network
         estimator.device_ = str(resolved)
         estimator.n_features_in_ = n_features
@@ -941,10 +1084,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"{where} is not valid JSON: {_first_line(exc)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{where} is not a saved {AutoencoderReducer.__name__}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{where} has format_version {meta.get('format_version')!r}; this "
-            f"version reads {FORMAT_VERSION}"
+            f"version reads {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return meta
 

@@ -58,11 +58,11 @@ class AutoencoderFamily(AutoencoderReducer):
         return np.asarray(self.transform(X), dtype=np.float32)
 
     def anomaly_score(self, X: np.ndarray) -> np.ndarray:
-        # decision_function's float64 holds the float32 errors exactly.
+        # decision_function's float64 holds the float32 scores exactly.
         return self.decision_function(X).astype(np.float32)
 
     def feature_contributions(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.feature_errors(X), dtype=np.float32)
+        return self.score_contributions(X)
 
     def reconstruct(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.inverse_transform(self.transform(X)), dtype=np.float32)

@@ -426,7 +426,7 @@ class Confinement:
 
 
 def _list_sources(source: str) -> list[str]:
-    from tasks.ingest_parts import list_sources
+    from tasks.ingest.parts import list_sources
 
     return list_sources(source)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,9 +274,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def schema_columns(schema: dict[str, Any], role: str | Sequence[str]) -> list[str]:
-    """Names of the columns in a saved input schema with the given role(s)."""
-    roles = {role} if isinstance(role, str) else set(role)
-    return [c["name"] for c in schema.get("columns", []) if c.get("role") in roles]

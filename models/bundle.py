@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from models import columns as cols
+from models.atomic import atomic_write_bytes
 from models.cells import as_text, cell_problems, parse_cells
 from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
 from models.family import ModelFamily, Scores, score_rows
@@ -90,7 +91,7 @@ class LatentModel:
 
     @property
     def latent_names(self) -> list[str]:
-        return [cols.latent_name(i) for i in range(self.latent_dim)]
+        return cols.latent_names(self.latent_dim)
 
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
@@ -215,9 +216,8 @@ class LatentModel:
         self.preprocessor.save(path / "preprocessor.json")
         self.estimator.save(path / "estimator")
         meta = {"format": BUNDLE_FORMAT, **self.info.__dict__}
-        tmp = path / ".bundle.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
-        os.replace(tmp, path / "bundle.json")
+        text = json.dumps(meta, indent=1, default=_json_default)
+        atomic_write_bytes(path / "bundle.json", text.encode())
         # Last: the manifest covers every file written above, JSON included.
         write_manifest(path)
         return path

@@ -13,6 +13,7 @@ import random
 from datetime import date, timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +29,7 @@ from tasks.ingest import (
     TableSchema,
     ingest,
 )
-from tasks.validate import parse_rule
+from tasks.validate import compile_rules, parse_rule
 
 RUN = date(2024, 1, 1)
 HEADER = "Date,Location,MinTemp,MaxTemp,Rainfall,RainToday\n"
@@ -644,8 +645,42 @@ def test_bad_rules_are_config_errors(tmp_path: Path, rule: str, message: str) ->
 
 
 def test_weatheraus_rules_parse_and_compile() -> None:
-    for rule in WEATHERAUS_RULES:
-        parse_rule(rule)
+    """Each preset rule compiles against the weatherAUS kinds and catches the
+    one row built to break it (row i + 1 breaks rule i; row 0 breaks none)."""
+    good = {
+        "MinTemp": 10.0,
+        "MaxTemp": 20.0,
+        "Humidity9am": 50.0,
+        "Humidity3pm": 50.0,
+        "Cloud9am": 4.0,
+        "Cloud3pm": 4.0,
+        "Rainfall": 0.0,
+        "RainToday": "No",
+        "RainTomorrow": "No",
+    }
+    breaks = [
+        {"MinTemp": 30.0},
+        {"Humidity9am": 101.0},
+        {"Humidity3pm": -1.0},
+        {"Cloud9am": 10.0},
+        {"Cloud3pm": -1.0},
+        {"Rainfall": -1.0},
+        {"Rainfall": 5.0},
+        {"RainToday": "Yes"},
+        {"Rainfall": None, "RainToday": "Maybe"},
+        {"RainTomorrow": "Maybe"},
+    ]
+    assert len(breaks) == len(WEATHERAUS_RULES)
+    rows = [good] + [{**good, **b} for b in breaks]
+    table = {c: pa.array([r[c] for r in rows]) for c in good}
+    kinds = {
+        c: "numeric" if isinstance(v, float) else "categorical" for c, v in good.items()
+    }
+    compiled = compile_rules([parse_rule(r) for r in WEATHERAUS_RULES], kinds)
+    for i, rule in enumerate(compiled):
+        broken = rule.violations(table)
+        assert broken is not None, rule.text
+        assert np.flatnonzero(broken).tolist() == [i + 1], rule.text
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ class JsonLinesSource:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            value = _loads(line)
+            value = _loads(self._decode(number, line))
             if not seen_object and not isinstance(value, dict):
                 raise InputError(
                     f"{path}: line {number} is not a JSON object"
@@ -87,6 +87,15 @@ class JsonLinesSource:
     def close(self) -> None:
         self._raw.close()
         self._fh.close()
+
+    def _decode(self, number: int, line: bytes) -> str:
+        try:
+            return line.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{self.path}: line {number} is not valid UTF-8 (byte"
+                f" {exc.start + 1}); {_EXPECTED}"
+            ) from None
 
     def _read(self, n: int, line: int) -> bytes:
         try:
@@ -125,13 +134,7 @@ class JsonLinesSource:
             if not line.strip():
                 continue
             size += len(line) + 1
-            try:
-                text = line.decode("utf-8").removesuffix("\r")
-            except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{self.path}: line {number} is not valid UTF-8 (byte"
-                    f" {exc.start + 1}); {_EXPECTED}"
-                ) from None
+            text = self._decode(number, line)
             cells, reject = self._cells(number, text)
             if reject is not None:
                 rejects.append(reject)
@@ -192,7 +195,7 @@ class JsonLinesSource:
         return cells, None
 
 
-def _loads(line: bytes) -> Any:
+def _loads(line: str) -> Any:
     try:
         return json.loads(line)
     except ValueError:

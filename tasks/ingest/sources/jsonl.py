@@ -78,6 +78,11 @@ class JsonLinesSource:
             seen_object = True
             if isinstance(value, dict):
                 fields.update(dict.fromkeys(value))
+        if not seen_object and not whole:
+            raise InputError(
+                f"{path}: no line ends within the first {_HEAD_BYTES} bytes;"
+                f" {_EXPECTED}"
+            )
         if not seen_object:
             raise InputError(f"{path} is empty (only blank lines)")
         self._fields = list(fields)
@@ -116,12 +121,10 @@ class JsonLinesSource:
             pending += more
             lines = pending.split(b"\n")
             pending = lines.pop() if more else b""
-            for line in lines:
+            for line in lines:  # at the end: the last line, newline or not
                 number += 1
                 yield number, line
             if not more:
-                if pending:
-                    yield number + 1, pending
                 return
 
     def chunks(self) -> Iterator[Chunk]:

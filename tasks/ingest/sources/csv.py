@@ -82,6 +82,9 @@ class _Utf8Stream:
         self.raw_bytes = 0
         self.bad_offset = -1
         self.tail = b""
+        # Whether anything but line breaks came after the header: without it
+        # pyarrow refuses the file as empty, which is "no rows" to us.
+        self.saw_data = False
         self.error: BaseException | None = None
 
     def readable(self) -> bool:
@@ -164,6 +167,8 @@ class _Utf8Stream:
             out, self._out = self._out[:n], self._out[n:]
         if out:
             self.tail = (self.tail + out)[-16:]
+            if not self.saw_data and out.strip(b"\r\n"):
+                self.saw_data = True
         return out
 
 
@@ -390,7 +395,7 @@ class CsvSource:
         except (LatentflowError, Retry):
             raise
         except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError) as exc:
-            if self.stream.error is None and "Empty CSV" in str(exc):
+            if self.stream.error is None and not self.stream.saw_data:
                 return  # nothing after the header (the caller reports no rows)
             if (
                 threaded

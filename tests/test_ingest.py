@@ -844,3 +844,18 @@ def test_write_error_in_the_writer_thread_fails_the_run(
     with pytest.raises(LatentflowError, match="No space left on device"):
         run(put(tmp_path / "g.csv", HEADER + rows(200)), tmp_path)
     assert not (tmp_path / "data" / "ingested").exists()
+
+
+def test_roles_as_one_object_type_the_input_as_the_arguments_do(
+    tmp_path: Path,
+) -> None:
+    from models.schema import Roles
+
+    src = put(tmp_path / "a.csv", GOOD)
+    one = run(src, tmp_path / "one", keys=["Date", "Location"], label="RainToday")
+    roles = Roles.of(keys=["Date", "Location"], label="RainToday")
+    other = run(src, tmp_path / "other", roles=roles)
+    assert other.schema == one.schema and other.schema.label == "RainToday"
+    assert part(other).equals(part(one))
+    msg = fails(ConfigError, src, tmp_path, roles=roles, keys=["Date"])
+    assert msg == "give roles either as one Roles object or one by one"

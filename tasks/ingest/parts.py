@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
 
-from models.schema import TableSchema
+from models.schema import Roles, TableSchema
 from tasks.errors import EmptyInputError, InputError, LatentflowError
 from tasks.ingest.layout import REJECTED_LEAD, ROW_ID
 from tasks.ingest.problems import check_reject_share, header_mismatch
@@ -85,6 +85,7 @@ def ingest_file(
     features: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     label: str | None = None,
+    roles: Roles | None = None,
     rules: Sequence[str] = (),
     expected_schema: TableSchema | None = None,
     speculative: bool = False,
@@ -97,7 +98,7 @@ def ingest_file(
         The file's position in the source and its path.
     scratch
         The run's scratch directory (shared storage for Dask workers).
-    keys, features, exclude, label, rules
+    keys, features, exclude, label, roles, rules
         As for :func:`tasks.ingest.run.ingest`; ignored with ``expected_schema``
         except ``rules``.
     expected_schema
@@ -112,6 +113,7 @@ def ingest_file(
         ``result`` is None for a file with a header but no rows (a warning in
         the single path, not an error, when the source has several files).
     """
+    asked = roles if roles is not None else Roles.of(keys, features, exclude, label)
     suffix = "-typed" if expected_schema is not None else ""
     out = Path(scratch) / f"file-{index:05d}{suffix}"
     part = FileIngest(index, path, str(out))
@@ -121,10 +123,8 @@ def ingest_file(
             out,
             dataset,
             run_date,
-            keys=None if expected_schema else keys,
-            features=None if expected_schema else features,
-            exclude=() if expected_schema else exclude,
-            label=None if expected_schema else label,
+            # The expected schema fixes every role.
+            roles=Roles() if expected_schema else asked,
             rules=rules,
             expected_schema=expected_schema,
             # The reject share is a property of the whole source: checked once

@@ -70,6 +70,7 @@ def ingest(
     features: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     label: str | None = None,
+    roles: Roles | None = None,
     rules: Sequence[str] = (),
     expected_schema: TableSchema | dict[str, Any] | None = None,
     max_reject_fraction: float = 0.05,
@@ -96,6 +97,9 @@ def ingest(
         Columns kept in the output but not used as features.
     label
         The label column, if any.
+    roles
+        ``keys``, ``features``, ``exclude`` and ``label`` as one object (a
+        caller passing them between steps); then those four must be unset.
     rules
         Domain rules (see :mod:`tasks.validate`); violating rows are rejected.
     expected_schema
@@ -124,7 +128,11 @@ def ingest(
     LatentflowError
         The partitions could not be written (disk full, permissions).
     """
-    roles = Roles.of(keys, features, exclude, label)
+    asked = Roles.of(keys, features, exclude, label)
+    if roles is None:
+        roles = asked
+    elif asked != Roles():
+        raise ConfigError("give roles either as one Roles object or one by one")
     rule_texts = [rules] if isinstance(rules, str) else list(rules)
     validate_dataset_name(dataset)
     if not isinstance(run_date, date):

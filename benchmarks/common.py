@@ -27,8 +27,9 @@ import pyarrow.dataset as pads
 
 from flows.config import PRESETS, PipelineConfig
 from models.preprocessing import TabularPreprocessor
+from models.schema import TableSchema
 from tasks.ingest import ingest
-from tasks.train import _binary_label, _columns
+from tasks.train import _binary_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEATHER_CSV = REPO_ROOT.parent / "shared" / "data" / "weatherAUS.csv"
@@ -98,8 +99,8 @@ def ingest_table(
         rules=spec["rules"],
     )
     seconds = time.perf_counter() - t0
-    numeric = _columns(result.schema, ("numeric",))
-    categorical = _columns(result.schema, ("categorical",))
+    numeric = result.schema.numeric_features
+    categorical = result.schema.categorical_features
     wanted = [*numeric, *categorical, spec["label"]]
     table = pads.dataset(result.ingested_dir, format="parquet").to_table(columns=wanted)
     facts = {
@@ -113,7 +114,7 @@ def ingest_table(
 
 def split_table(
     table: pa.Table,
-    schema: dict[str, Any],
+    schema: TableSchema,
     label: str | None,
     seed: int,
     holdout_fraction: float,
@@ -123,8 +124,8 @@ def split_table(
     Same seeded permutation (``default_rng([seed, 2])``), same holdout size, and
     the preprocessor is fitted on the train rows only.
     """
-    numeric = _columns(schema, ("numeric",))
-    categorical = _columns(schema, ("categorical",))
+    numeric = schema.numeric_features
+    categorical = schema.categorical_features
     n = table.num_rows
     order = np.random.default_rng([seed, 2]).permutation(n)
     n_hold = max(1, round(n * holdout_fraction))

@@ -23,7 +23,10 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.schema import TableSchema
 
 RESULT_MARK = "BENCH_RESULT "
 RUN_DATE = date(2024, 1, 1)
@@ -152,16 +155,7 @@ def step_prepare_training(ingested_dir: str, out: str, rows: int) -> dict[str, A
     from tasks.sampling import iter_partition, read_training_rows
 
     schema = _ingested_schema(ingested_dir)
-    numeric = [
-        c["name"]
-        for c in schema["columns"]
-        if c["role"] == "feature" and c["kind"] == "numeric"
-    ]
-    categorical = [
-        c["name"]
-        for c in schema["columns"]
-        if c["role"] == "feature" and c["kind"] == "categorical"
-    ]
+    numeric, categorical = schema.numeric_features, schema.categorical_features
     stats = PreprocessorStats(numeric, categorical)
     table, _ = read_training_rows(
         Path(ingested_dir), numeric + categorical, rows, 0, on_batch=stats.update
@@ -293,7 +287,7 @@ def step_bundle(
     from tasks.train import train_model
 
     schema = _ingested_schema(ingested_dir)
-    label = next((c["name"] for c in schema["columns"] if c["role"] == "label"), None)
+    label = schema.label
     with Measure() as m:
         res = train_model(
             Path(ingested_dir),
@@ -307,12 +301,14 @@ def step_bundle(
     return m.result(n_train=res.n_train, features=res.metrics["n_features_in"])
 
 
-def _ingested_schema(ingested_dir: str) -> dict[str, Any]:
+def _ingested_schema(ingested_dir: str) -> TableSchema:
     import pyarrow.parquet as pq
+
+    from models.schema import TableSchema
 
     part = sorted(Path(ingested_dir).glob("*.parquet"))[0]
     meta = pq.read_schema(part).metadata or {}
-    return json.loads(meta[b"latentflow.schema"])
+    return TableSchema.from_dict(json.loads(meta[b"latentflow.schema"]))
 
 
 # ---------------------------------------------------------------------- scoring

@@ -58,7 +58,8 @@ from benchmarks.common import (
     write_json,
 )
 from models.estimator import KINDS, AutoencoderReducer
-from tasks.train import _columns, probe_auc
+from models.schema import TableSchema
+from tasks.train import probe_auc
 
 Echo = Callable[[str], None]
 
@@ -319,15 +320,15 @@ def _make_impossible(
 def _tabular_set(
     name: str,
     table: pa.Table,
-    schema: dict[str, Any],
+    schema: TableSchema,
     settings: Settings,
     seed: int,
     description: str,
 ) -> AnomalySet:
     """Plant anomalies in an ingested table, then split + preprocess it."""
     rng = np.random.default_rng([seed, 11])
-    numeric = _columns(schema, ("numeric",))
-    categorical = _columns(schema, ("categorical",))
+    numeric = schema.numeric_features
+    categorical = schema.categorical_features
     bad_df, types = plant_anomalies(
         table.to_pandas(), numeric, categorical, settings.anomaly_share, rng
     )

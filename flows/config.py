@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from models.families import DEFAULT_FAMILY, family_names, get_family
+from models.families import model_params as family_params
 from tasks.errors import ConfigError
 from tasks.presets import WEATHERAUS_RULES
 from tasks.storage import dataset_from_path, validate_dataset_name
@@ -312,9 +313,7 @@ class PipelineConfig(BaseModel):
 
     def model_params(self) -> dict[str, Any]:
         """Settings that define a model: a champion with others is not reused."""
-        params = {k: v for k, v in self.estimator_params().items() if k != "device"}
-        params["n_clusters"] = self.n_clusters
-        return params
+        return family_params(self.estimator_params(), self.n_clusters)
 
     def config_hash(self) -> str:
         """A short hash of everything that shapes the model and its outputs."""
@@ -426,7 +425,7 @@ class Confinement:
 
 
 def _list_sources(source: str) -> list[str]:
-    from tasks.ingest_parts import list_sources
+    from tasks.ingest.parts import list_sources
 
     return list_sources(source)
 

@@ -33,12 +33,13 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, confinement
 from flows.runners import RunnerScope, runner_scope
 from flows.runtime_checks import check_runtime
+from models.schema import TableSchema
 from tasks import registry
 from tasks.decide import ChampionInfo, comparable, decide_task, gate
 from tasks.drift import measure_drift_task
 from tasks.errors import SchemaError
 from tasks.ingest import IngestResult, ingest_task
-from tasks.ingest_parts import (
+from tasks.ingest.parts import (
     FileIngest,
     commit_ingest_task,
     ingest_file_task,
@@ -250,7 +251,7 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
             "error_median_ratio": round(drift.error_median_ratio, 4),
             "error_p99_ratio": round(drift.error_p99_ratio, 4),
         }
-    keys = [c["name"] for c in ing.schema["columns"] if c.get("role") == "key"]
+    keys = ing.schema.keys
     top = worst_features_task.with_options(task_run_name=f"explain-{tag}")(
         Path(ing.ingested_dir),
         bundle,
@@ -388,7 +389,7 @@ def ingest_partitioned(
     """Ingest the source's files in parallel; commit them as one partition
     (``publish=False``: leave the pair sealed for the run date's commit).
 
-    See :mod:`tasks.ingest_parts`: when the files cannot be combined exactly,
+    See :mod:`tasks.ingest.parts`: when the files cannot be combined exactly,
     the single-process ingest runs instead.
     """
     scratch = scratch_dir(data_dir, "ingest-parts", dataset, run_date)
@@ -553,14 +554,9 @@ def challenge(
 
 
 def _require_columns(
-    model_schema: dict[str, Any], data_schema: dict[str, Any], name: str
+    model_schema: TableSchema, data_schema: TableSchema, name: str
 ) -> None:
-    have = {c["name"] for c in data_schema.get("columns", [])}
-    need = [
-        c["name"]
-        for c in model_schema.get("columns", [])
-        if c.get("role") in ("key", "feature") and c["name"] not in have
-    ]
+    need = [c for c in model_schema.required() if c not in data_schema]
     if need:
         raise SchemaError(
             f"the input lacks column(s) the champion {name} needs: {', '.join(need)};"
@@ -599,7 +595,7 @@ def code_version() -> str:
 
 def _model_card(cfg: PipelineConfig, ing: Any, trained: Any) -> str:
     m = trained.metrics
-    feats = [c["name"] for c in ing.schema["columns"] if c.get("role") == "feature"]
+    feats = ing.schema.features
     lines = [
         f"latentflow {cfg.kind} autoencoder for {cfg.dataset},"
         f" run date {cfg.run_date}.",

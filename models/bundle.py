@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from models import columns as cols
+from models.atomic import atomic_write_bytes
 from models.cells import as_text, cell_problems, parse_cells
 from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
 from models.family import ModelFamily, Scores, score_rows
@@ -91,7 +91,7 @@ class LatentModel:
 
     @property
     def latent_names(self) -> list[str]:
-        return [cols.latent_name(i) for i in range(self.latent_dim)]
+        return cols.latent_names(self.latent_dim)
 
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
@@ -216,9 +216,8 @@ class LatentModel:
         self.preprocessor.save(path / "preprocessor.json")
         self.estimator.save(path / "estimator")
         meta = {"format": BUNDLE_FORMAT, **self.info.__dict__}
-        tmp = path / ".bundle.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
-        os.replace(tmp, path / "bundle.json")
+        text = json.dumps(meta, indent=1, default=_json_default)
+        atomic_write_bytes(path / "bundle.json", text.encode())
         # Last: the manifest covers every file written above, JSON included.
         write_manifest(path)
         return path
@@ -275,9 +274,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def schema_columns(schema: dict[str, Any], role: str | Sequence[str]) -> list[str]:
-    """Names of the columns in a saved input schema with the given role(s)."""
-    roles = {role} if isinstance(role, str) else set(role)
-    return [c["name"] for c in schema.get("columns", []) if c.get("role") in roles]

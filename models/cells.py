@@ -1,6 +1,6 @@
 """Cell parsing shared by batch ingest and the served model: one set of rules.
 
-Batch ingest (``tasks/ingest.py``) and the MLflow pyfunc both turn raw cells into
+Batch ingest (``tasks/ingest/``) and the MLflow pyfunc both turn raw cells into
 typed values here, so a raw row gets the same missing values, the same numbers
 and the same rejections in both paths: null markers (``NA``, ``-``, empty, ...)
 are missing; junk (``abc``) and non-finite numbers (``inf``, ``1e999``) are

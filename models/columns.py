@@ -36,6 +36,26 @@ def latent_name(i: int) -> str:
     return f"{LATENT_PREFIX}{i}"
 
 
+def latent_names(latent_dim: int) -> list[str]:
+    """``latent_0 .. latent_<latent_dim - 1>``."""
+    return [latent_name(i) for i in range(latent_dim)]
+
+
+def score_columns(latent_dim: int, with_cluster: bool) -> list[str]:
+    """The per-row outputs of scoring, in output order: ``latent_*``,
+    ``recon_error``, ``is_anomaly`` and, with clusters, ``cluster``.
+
+    The one definition of that order: the latent/ Parquet schema, the pyfunc
+    output and the MLflow signature are all built from it.
+    """
+    return [
+        *latent_names(latent_dim),
+        RECON_ERROR,
+        IS_ANOMALY,
+        *([CLUSTER] if with_cluster else []),
+    ]
+
+
 def is_output_column(name: str) -> bool:
     """True for a name latentflow writes next to the key columns."""
     return name in OUTPUT_COLUMNS or _LATENT_RE.fullmatch(name) is not None

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import pickle
-import uuid
 import warnings
 from collections.abc import Callable
 from numbers import Integral, Real
@@ -35,6 +34,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from models.atomic import atomic_write_bytes as _atomic_write
 from models.density import DensityScore, marginal_columns
 from models.family import contamination_threshold
 from models.networks import ACTIVATIONS, AutoencoderNetwork
@@ -92,20 +92,6 @@ def _rows_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     if not rows.flags.writeable:
         rows = rows.copy()
     return torch.from_numpy(rows).to(device)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so readers see the old file or the new one."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:

@@ -154,10 +154,20 @@ def contamination_threshold(scores: np.ndarray, contamination: float) -> float:
     return float(np.quantile(np.asarray(scores, dtype=np.float64), 1 - contamination))
 
 
+def is_anomaly(score: np.ndarray, threshold: float) -> np.ndarray:
+    """Which scores flag an anomaly: strictly above the threshold.
+
+    The one place the comparison lives (scoring, the pyfunc, the plots).
+    """
+    return np.asarray(score) > threshold
+
+
 def score_rows(model: ModelFamily, x: np.ndarray) -> Scores:
     """Latent features, scores and flags of a preprocessed matrix."""
     latent, score = model.encode_and_score(x)
-    return Scores(latent=latent, score=score, is_anomaly=score > model.threshold_)
+    return Scores(
+        latent=latent, score=score, is_anomaly=is_anomaly(score, model.threshold_)
+    )
 
 
 def reconstruction_mse(model: ModelFamily, x: np.ndarray) -> float:

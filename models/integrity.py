@@ -17,6 +17,8 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from models.atomic import atomic_write_bytes
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
@@ -101,9 +103,7 @@ def write_manifest(root: Path) -> str:
     """Write ``root/manifest.json`` over every other file; return its digest."""
     root = Path(root)
     manifest = tree_manifest(root, skip=(MANIFEST,))
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_bytes(canonical(manifest))
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_bytes(root / MANIFEST, canonical(manifest))
     return manifest_digest(manifest)
 
 

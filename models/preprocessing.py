@@ -22,6 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.atomic import atomic_write_bytes
+
 MISSING = "__missing__"
 UNKNOWN = "__unknown__"
 _FORMAT = 1
@@ -643,7 +645,7 @@ class TabularPreprocessor:
         return self
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
 
     @classmethod
     def load(cls, path: Path) -> TabularPreprocessor:

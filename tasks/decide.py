@@ -9,7 +9,11 @@ from typing import Any, Literal
 
 from prefect import task
 
+from models.schema import TableSchema
 from tasks.policy import PLAIN
+
+#: A schema, typed or in its saved JSON form (a bundle's ``input_schema``).
+SchemaLike = TableSchema | dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -21,8 +25,12 @@ class ChampionInfo:
     run_id: str
     created_at: datetime
     model_dir: str
-    input_schema: dict[str, Any]
+    input_schema: TableSchema
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A saved bundle records the schema as JSON: typed once, here.
+        object.__setattr__(self, "input_schema", TableSchema.coerce(self.input_schema))
 
 
 @dataclass(frozen=True)
@@ -34,17 +42,10 @@ class Decision:
         return asdict(self)
 
 
-def _required(schema: dict[str, Any]) -> dict[str, str]:
-    return {
-        c["name"]: c["kind"]
-        for c in schema.get("columns", [])
-        if c.get("role") in ("key", "feature")
-    }
-
-
-def schema_difference(model_schema: dict[str, Any], data_schema: dict[str, Any]) -> str:
+def schema_difference(model_schema: SchemaLike, data_schema: SchemaLike) -> str:
     """Empty when the data fits the model; else a short description of the change."""
-    want, have = _required(model_schema), _required(data_schema)
+    want = TableSchema.coerce(model_schema).required()
+    have = TableSchema.coerce(data_schema).required()
     missing = sorted(set(want) - set(have))
     added = sorted(set(have) - set(want))
     retyped = sorted(c for c in set(want) & set(have) if want[c] != have[c])
@@ -76,7 +77,7 @@ def params_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def decide(
     champion: ChampionInfo | None,
-    data_schema: dict[str, Any],
+    data_schema: SchemaLike,
     now: datetime,
     max_model_age_days: int,
     retrain: bool,
@@ -153,7 +154,7 @@ def gate(
 
 
 def comparable(
-    champion: ChampionInfo | None, data_schema: dict[str, Any], params: dict[str, Any]
+    champion: ChampionInfo | None, data_schema: SchemaLike, params: dict[str, Any]
 ) -> bool:
     """Whether a challenger can be judged against the champion on the same terms:
     not when the schema or the requested model settings changed (a new output

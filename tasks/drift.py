@@ -28,7 +28,6 @@ from tasks.policy import PLAIN
 from tasks.sampling import read_training_rows
 
 _EPS = 1e-4
-_OTHER = "__other__"
 _MAX_CATS = 50
 
 

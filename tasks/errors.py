@@ -13,25 +13,25 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-
-class LatentflowError(Exception):
-    """A user-facing failure with a one-line message."""
-
-    def __init__(self, message: str) -> None:
-        # Messages are shown as one line; fold anything multi-line a caller passed.
-        super().__init__(" ".join(str(message).split()))
+# Defined in models/ (the typed schema raises SchemaError); the family is here.
+from models.errors import LatentflowError as LatentflowError
+from models.errors import SchemaError as SchemaError
 
 
 class InputError(LatentflowError):
     """The input file or its contents are not what was expected."""
 
 
+class EmptyInputError(InputError):
+    """An input file holds no data rows (a header, or nothing after blank lines).
+
+    Its own type because the partitioned ingest treats such a file as a
+    warning, not an error, when the source has several files.
+    """
+
+
 class ConfigError(LatentflowError):
     """The run configuration is invalid."""
-
-
-class SchemaError(LatentflowError):
-    """Data and model schemas do not match."""
 
 
 class RegistryError(LatentflowError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.family import is_anomaly
 from tasks.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -344,7 +345,7 @@ def _error_figure(errors: np.ndarray, threshold: float) -> Figure:
         lo = min(float(finite.min()), threshold, 0.0)
         ax.hist(finite, bins=100, range=(lo, hi), color=_NORMAL, alpha=0.85)
         ax.set_yscale("log")
-    over = int((finite > threshold).sum())
+    over = int(is_anomaly(finite, threshold).sum())
     ax.axvline(
         threshold,
         color=_ANOMALY,

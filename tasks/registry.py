@@ -28,7 +28,9 @@ import pandas as pd
 from prefect import task
 
 import models
-from models.bundle import LatentModel
+from models import columns as cols
+from models.bundle import SERVE_ERROR, LatentModel
+from models.families import model_params as family_params
 from models.integrity import (
     IntegrityError,
     check_manifest,
@@ -473,13 +475,11 @@ def find_champion(name: str, cache_dir: Path) -> ChampionInfo | None:
 
 def model_params(model: LatentModel) -> dict[str, Any]:
     """The settings that define a model, comparable with the requested ones."""
-    skip = {"device", "verbose", "epoch_callback"}
-    params = {k: v for k, v in model.estimator.get_params().items() if k not in skip}
+    settings = dict(model.estimator.get_params())
     # A family whose settings do not name it is still told apart from another.
-    params.setdefault("kind", model.info.family)
+    settings.setdefault("kind", model.info.family)
     centers = model.info.cluster_centers
-    params["n_clusters"] = len(centers) if centers else None
-    return params
+    return family_params(settings, len(centers) if centers else None)
 
 
 def _signature_example(model: LatentModel, sample: pd.DataFrame) -> pd.DataFrame:
@@ -504,12 +504,10 @@ def _signature(model: LatentModel, example: pd.DataFrame) -> Any:
         [ColSpec(AnyType(), c, required=True) for c in model.preprocessor.input_columns]
     )
     del example  # the outputs are fixed by predict_raw, whatever the rows
-    floats = [*model.latent_names, "recon_error"]
-    out = [ColSpec(DataType.float, c, required=False) for c in floats]
-    out.append(ColSpec(DataType.boolean, "is_anomaly", required=False))
-    if model.info.cluster_centers:
-        out.append(ColSpec(DataType.integer, "cluster", required=False))
-    out.append(ColSpec(DataType.string, "error", required=False))
+    kinds = {cols.IS_ANOMALY: DataType.boolean, cols.CLUSTER: DataType.integer}
+    names = cols.score_columns(model.latent_dim, bool(model.info.cluster_centers))
+    out = [ColSpec(kinds.get(c, DataType.float), c, required=False) for c in names]
+    out.append(ColSpec(DataType.string, SERVE_ERROR, required=False))
     return ModelSignature(inputs=inputs, outputs=Schema(out))
 
 

@@ -113,15 +113,13 @@ def output_schema(
     keys: list[tuple[str, pa.DataType]], latent_dim: int, with_cluster: bool
 ) -> pa.Schema:
     """The latent/ contract: _row_id, keys, latent_*, recon_error, is_anomaly, model."""
+    types = {cols.IS_ANOMALY: pa.bool_(), cols.CLUSTER: pa.int32()}
     fields = [pa.field(cols.ROW_ID, pa.int64(), nullable=False)]
     fields += [pa.field(k, t) for k, t in keys]
-    fields += [pa.field(cols.latent_name(i), pa.float32()) for i in range(latent_dim)]
     fields += [
-        pa.field(cols.RECON_ERROR, pa.float32()),
-        pa.field(cols.IS_ANOMALY, pa.bool_()),
+        pa.field(name, types.get(name, pa.float32()))
+        for name in cols.score_columns(latent_dim, with_cluster)
     ]
-    if with_cluster:
-        fields.append(pa.field(cols.CLUSTER, pa.int32()))
     fields += [
         pa.field(cols.MODEL_NAME, pa.string()),
         pa.field(cols.MODEL_VERSION, pa.int32()),

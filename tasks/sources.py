@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 
 from tasks.errors import InputError
-
-DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet")
+from tasks.ingest.formats import DATA_SUFFIXES, describe_formats
 
 
 def is_data_file(path: Path) -> bool:
@@ -34,8 +33,7 @@ def resolve_sources(source: str | Path) -> list[Path]:
         files = sorted(p for p in entries if p.is_file() and is_data_file(p))
         if not files:
             raise InputError(
-                f"directory {path} has no data files: expected *.csv, *.csv.gz or"
-                " *.parquet"
+                f"directory {path} has no data files: expected {describe_formats()}"
             )
         return files
     if path.exists():
@@ -47,7 +45,7 @@ def resolve_sources(source: str | Path) -> list[Path]:
         files = [p for p in matches if p.is_file() and is_data_file(p)]
         if not files:
             raise InputError(
-                f"no data files match {text!r}: expected *.csv, *.csv.gz or *.parquet"
+                f"no data files match {text!r}: expected {describe_formats()}"
             )
         return files
     raise InputError(f"input file {path} does not exist")

@@ -41,6 +41,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+# The one atomic write (in models/, which the saved model also uses); this
+# module owns everything else about temporary names, swaps and locks.
+from models.atomic import atomic_path as atomic_path
+from models.atomic import atomic_write_bytes as atomic_write_bytes
+from models.atomic import fsync_dir as _fsync_dir
 from tasks.errors import AlreadyRunningError, ConfigError, UnsafePathError
 from tasks.faults import checkpoint
 
@@ -53,7 +58,16 @@ _AT_FDCWD = -100
 def dataset_from_path(path: str | os.PathLike[str]) -> str:
     """Derive a dataset name from a file name: lower-cased stem, safe characters."""
     name = Path(path).name.lower()
-    for suffix in (".gz", ".csv", ".parquet", ".pq", ".tsv", ".txt"):
+    for suffix in (
+        ".gz",
+        ".csv",
+        ".parquet",
+        ".pq",
+        ".tsv",
+        ".txt",
+        ".jsonl",
+        ".ndjson",
+    ):
         name = name.removesuffix(suffix)
     name = re.sub(r"[^a-z0-9_-]+", "-", name).strip("-_") or "dataset"
     return name[:64]
@@ -179,44 +193,6 @@ def remove_tree(data_dir: Path, path: Path) -> None:
         shutil.rmtree(target)
     else:
         target.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

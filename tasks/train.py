@@ -28,6 +28,7 @@ from models.bundle import BundleInfo, LatentModel
 from models.families import DEFAULT_FAMILY, UnknownFamilyError, get_family
 from models.family import ModelFamily, Scores, reconstruction_mse, score_rows
 from models.preprocessing import PreprocessorStats, Reopen, TabularPreprocessor
+from models.schema import TableSchema
 from tasks.drift import build_reference
 from tasks.errors import ConfigError, InputError
 from tasks.faults import checkpoint
@@ -49,14 +50,6 @@ class TrainResult:
     sample: pd.DataFrame = field(repr=False)
     plots: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def _columns(schema: dict[str, Any], kinds: tuple[str, ...]) -> list[str]:
-    return [
-        c["name"]
-        for c in schema["columns"]
-        if c.get("role") == "feature" and c.get("kind") in kinds
-    ]
 
 
 def _replay(table: pa.Table, _columns: Sequence[str]) -> list[pa.Table]:
@@ -89,7 +82,7 @@ def probe_auc(
 
 def train_model(
     ingested_dir: Path,
-    schema: dict[str, Any],
+    schema: TableSchema | dict[str, Any],
     bundle_dir: Path,
     *,
     dataset: str,
@@ -119,8 +112,9 @@ def train_model(
 
     Same seed and partition, same sample, statistics and model.
     """
-    numeric = _columns(schema, ("numeric",))
-    categorical = _columns(schema, ("categorical",))
+    schema = TableSchema.coerce(schema)
+    numeric = schema.numeric_features
+    categorical = schema.categorical_features
     if not numeric and not categorical:
         raise InputError(f"{ingested_dir}: no feature columns to train on")
     seed = int(estimator_params.get("random_state") or 0)
@@ -215,8 +209,8 @@ def train_model(
 
     info = BundleInfo(
         dataset=dataset,
-        input_schema=schema,
-        keys=[c["name"] for c in schema["columns"] if c.get("role") == "key"],
+        input_schema=schema.to_dict(),
+        keys=schema.keys,
         label=label,
         trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
         n_train_rows=int(x_train.shape[0]),

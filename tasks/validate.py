@@ -202,7 +202,6 @@ _TOKEN_RE = re.compile(
     )""",
     re.VERBOSE,
 )
-_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _PC_OP = {
     "<": pc.less,
     "<=": pc.less_equal,

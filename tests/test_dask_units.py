@@ -324,7 +324,7 @@ def _ingest_by_file(src: Path, data_dir: Path, **kw):
     then the files that must be typed with the first file's schema, then the
     commit (None: the caller falls back to the single-process ingest)."""
     from flows.config import PRESETS
-    from tasks.ingest_parts import (
+    from tasks.ingest.parts import (
         commit_ingest,
         ingest_file,
         list_sources,

@@ -5,6 +5,7 @@ Files are tiny and ``block_size`` is small, so every test streams across blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -12,11 +13,14 @@ import random
 from datetime import date, timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.ingest as ingest_mod
+import tasks.ingest.run as run_mod
+import tasks.ingest.sources as sources_mod
+import tasks.ingest.sources.csv as csv_mod
 from tasks.errors import ConfigError, InputError, LatentflowError, SchemaError
 from tasks.ingest import (
     WEATHERAUS_RULES,
@@ -25,7 +29,7 @@ from tasks.ingest import (
     TableSchema,
     ingest,
 )
-from tasks.validate import parse_rule
+from tasks.validate import compile_rules, parse_rule
 
 RUN = date(2024, 1, 1)
 HEADER = "Date,Location,MinTemp,MaxTemp,Rainfall,RainToday\n"
@@ -111,7 +115,7 @@ def test_unreadable_file_even_as_root(
     def deny(*args: object, **kw: object) -> None:
         raise PermissionError(13, "Permission denied", str(src))
 
-    monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+    monkeypatch.setattr(sources_mod, "open", deny, raising=False)
     assert fails(InputError, src, tmp_path) == f"cannot read {src}: permission denied"
 
 
@@ -119,7 +123,7 @@ def test_directory_without_data_files(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     put(tmp_path / "in" / "notes.txt", "hello")
     msg = fails(InputError, tmp_path / "in", tmp_path)
-    assert "has no data files: expected *.csv, *.csv.gz or *.parquet" in msg
+    assert "has no data files: expected *.csv, *.csv.gz, *.parquet," in msg
 
 
 def test_glob_without_matches(tmp_path: Path) -> None:
@@ -177,7 +181,7 @@ def test_latin1_is_decoded_with_a_warning(tmp_path: Path) -> None:
 def test_latin1_after_a_utf8_looking_start_reruns_as_latin1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest_mod, "_HEAD_BYTES", 128)  # the sniff sees ASCII only
+    monkeypatch.setattr(csv_mod, "_HEAD_BYTES", 128)  # the sniff sees ASCII only
     text = HEADER + rows(20) + "2021-01-01,Montréal,1.5,2.5,0.0,No\n" + rows(5, 20)
     res = run(put(tmp_path / "late.csv", text.encode("latin-1")), tmp_path)
     assert res.rows_accepted == 26
@@ -316,10 +320,10 @@ def test_reading_ahead_is_bounded(
 ) -> None:
     # pyarrow alone reads up to 32 blocks ahead (the whole file here); memory
     # must stay a few blocks whatever the file size.
-    monkeypatch.setattr(ingest_mod, "_HEAD_BYTES", 4096)
+    monkeypatch.setattr(csv_mod, "_HEAD_BYTES", 4096)
     src = put(tmp_path / "big.csv", HEADER + rows(40_000))  # ~1.5 MB, 90 blocks
     block = 16 << 10
-    source = ingest_mod._open_source(src, block, ingest_mod._Hints())
+    source = sources_mod.open_source(src, block, sources_mod.Hints())
     try:
         chunks = source.chunks()
         next(chunks)
@@ -401,7 +405,7 @@ def test_inferred_kinds_roles_and_keys(tmp_path: Path) -> None:
         for i in range(60)
     )
     res = run(put(tmp_path / "k.csv", text), tmp_path)
-    schema = TableSchema.from_dict(res.schema)
+    schema = res.schema
     assert schema.keys == ["Date", "Location"]
     assert [(c.name, c.kind, c.role) for c in schema.columns] == [
         ("Date", "date", "key"),
@@ -641,8 +645,42 @@ def test_bad_rules_are_config_errors(tmp_path: Path, rule: str, message: str) ->
 
 
 def test_weatheraus_rules_parse_and_compile() -> None:
-    for rule in WEATHERAUS_RULES:
-        parse_rule(rule)
+    """Each preset rule compiles against the weatherAUS kinds and catches the
+    one row built to break it (row i + 1 breaks rule i; row 0 breaks none)."""
+    good = {
+        "MinTemp": 10.0,
+        "MaxTemp": 20.0,
+        "Humidity9am": 50.0,
+        "Humidity3pm": 50.0,
+        "Cloud9am": 4.0,
+        "Cloud3pm": 4.0,
+        "Rainfall": 0.0,
+        "RainToday": "No",
+        "RainTomorrow": "No",
+    }
+    breaks = [
+        {"MinTemp": 30.0},
+        {"Humidity9am": 101.0},
+        {"Humidity3pm": -1.0},
+        {"Cloud9am": 10.0},
+        {"Cloud3pm": -1.0},
+        {"Rainfall": -1.0},
+        {"Rainfall": 5.0},
+        {"RainToday": "Yes"},
+        {"Rainfall": None, "RainToday": "Maybe"},
+        {"RainTomorrow": "Maybe"},
+    ]
+    assert len(breaks) == len(WEATHERAUS_RULES)
+    rows = [good] + [{**good, **b} for b in breaks]
+    table = {c: pa.array([r[c] for r in rows]) for c in good}
+    kinds = {
+        c: "numeric" if isinstance(v, float) else "categorical" for c, v in good.items()
+    }
+    compiled = compile_rules([parse_rule(r) for r in WEATHERAUS_RULES], kinds)
+    for i, rule in enumerate(compiled):
+        broken = rule.violations(table)
+        assert broken is not None, rule.text
+        assert np.flatnonzero(broken).tolist() == [i + 1], rule.text
 
 
 @pytest.mark.slow
@@ -659,7 +697,7 @@ def test_weatheraus_rules_hold_on_the_real_file(
         rules=WEATHERAUS_RULES,
     )
     assert (res.rows_in, res.rows_accepted, res.rows_rejected) == (145460, 145460, 0)
-    assert TableSchema.from_dict(res.schema).label == "RainTomorrow"
+    assert res.schema.label == "RainTomorrow"
 
 
 # ------------------------------------------------------------ ids, reruns, atomicity
@@ -734,24 +772,24 @@ def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
 
 def _force_serial(monkeypatch: pytest.MonkeyPatch) -> None:
     """Read every CSV with pyarrow's serial reader, as before threads."""
-    init = ingest_mod._CsvSource.__init__
+    init = csv_mod.CsvSource.__init__
 
     def serial_init(self, path, fh, block_size, hints) -> None:
-        init(self, path, fh, block_size, ingest_mod.replace(hints, serial=True))
+        init(self, path, fh, block_size, dataclasses.replace(hints, serial=True))
 
-    monkeypatch.setattr(ingest_mod._CsvSource, "__init__", serial_init)
+    monkeypatch.setattr(csv_mod.CsvSource, "__init__", serial_init)
 
 
 def _attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the ingestion attempts (a restart is a new ``_Ingestion``)."""
     calls: list[int] = []
-    init = ingest_mod._Ingestion.__init__
+    init = run_mod._Ingestion.__init__
 
     def counted(self, **kw) -> None:
         calls.append(1)
         init(self, **kw)
 
-    monkeypatch.setattr(ingest_mod._Ingestion, "__init__", counted)
+    monkeypatch.setattr(run_mod._Ingestion, "__init__", counted)
     return calls
 
 
@@ -806,3 +844,18 @@ def test_write_error_in_the_writer_thread_fails_the_run(
     with pytest.raises(LatentflowError, match="No space left on device"):
         run(put(tmp_path / "g.csv", HEADER + rows(200)), tmp_path)
     assert not (tmp_path / "data" / "ingested").exists()
+
+
+def test_roles_as_one_object_type_the_input_as_the_arguments_do(
+    tmp_path: Path,
+) -> None:
+    from models.schema import Roles
+
+    src = put(tmp_path / "a.csv", GOOD)
+    one = run(src, tmp_path / "one", keys=["Date", "Location"], label="RainToday")
+    roles = Roles.of(keys=["Date", "Location"], label="RainToday")
+    other = run(src, tmp_path / "other", roles=roles)
+    assert other.schema == one.schema and other.schema.label == "RainToday"
+    assert part(other).equals(part(one))
+    msg = fails(ConfigError, src, tmp_path, roles=roles, keys=["Date"])
+    assert msg == "give roles either as one Roles object or one by one"

@@ -143,7 +143,7 @@ def test_parquet_zoned_timestamps_are_utc_timestamps(tmp_path: Path) -> None:
     out = table(res)
     assert out.schema.field("At").type == pa.timestamp("us", tz="UTC")
     assert out["At"].to_pylist() == stamps
-    kinds = {c["name"]: (c["kind"], c["role"]) for c in res.schema["columns"]}
+    kinds = {c.name: (c.kind, c.role) for c in res.schema.columns}
     assert kinds["At"] == ("timestamp", "key")  # a timestamp keys rows like a date
 
 

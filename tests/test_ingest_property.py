@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import random
 import tempfile
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tasks.ingest as ingest_mod
+import tasks.ingest.sources.csv as csv_mod
 from tasks.errors import LatentflowError
 from tasks.ingest import ingest
 
@@ -212,21 +213,21 @@ def test_threaded_read_gives_what_the_serial_read_gives(
     """Reading with pyarrow's threads (and restarting serially on a parse error)
     is invisible: same tables, counts, warnings and error messages."""
     data, suffix = file
-    init = ingest_mod._CsvSource.__init__
+    init = csv_mod.CsvSource.__init__
 
     def serial_init(self, path, fh, size, hints) -> None:  # type: ignore[no-untyped-def]
-        init(self, path, fh, size, ingest_mod.replace(hints, serial=True))
+        init(self, path, fh, size, dataclasses.replace(hints, serial=True))
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"in{suffix}"
         src.write_bytes(data)
         kw = {"block_size": block_size, "max_reject_fraction": 1.0}
         threaded = _outcome(src, Path(tmp) / "a", **kw)
-        ingest_mod._CsvSource.__init__ = serial_init  # type: ignore[method-assign]
+        csv_mod.CsvSource.__init__ = serial_init  # type: ignore[method-assign]
         try:
             serial = _outcome(src, Path(tmp) / "b", **kw)
         finally:
-            ingest_mod._CsvSource.__init__ = init  # type: ignore[method-assign]
+            csv_mod.CsvSource.__init__ = init  # type: ignore[method-assign]
     if isinstance(threaded[0], str) or isinstance(serial[0], str):
         assert threaded == serial  # the same error, word for word
         return

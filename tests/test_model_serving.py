@@ -31,6 +31,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from models.schema import TableSchema
+
 BIN = Path(sys.executable).with_name("latentflow")
 REPO = Path(__file__).resolve().parents[1]
 NAME = "weatheraus-autoencoder"
@@ -307,16 +309,16 @@ def champion(trained, tmp_path_factory):
     return SimpleNamespace(info=info, served=served)
 
 
-def _cells(schema: dict) -> st.SearchStrategy[dict[str, str]]:
+def _cells(schema: TableSchema) -> st.SearchStrategy[dict[str, str]]:
     fields = {}
-    for col in schema["columns"]:
-        if col["role"] == "key":
+    for col in schema.columns:
+        if col.role == "key":
             continue
-        if col["kind"] == "numeric":
+        if col.kind == "numeric":
             pool = st.sampled_from(NUMERIC_CELLS) | st.floats(-60, 60).map(repr)
         else:
             pool = st.sampled_from(CATEGORY_CELLS)
-        fields[col["name"]] = pool
+        fields[col.name] = pool
     return st.fixed_dictionaries(fields)
 
 
@@ -325,7 +327,7 @@ def _batch(champion, rows: list[dict[str, str]], work: Path):
     from tasks.ingest import ingest
     from tasks.score import score_partition
 
-    names = [c["name"] for c in champion.info.input_schema["columns"]]
+    names = champion.info.input_schema.names
     src = work / "raw.csv"
     with src.open("w", newline="") as fh:
         w = csv.writer(fh, quoting=csv.QUOTE_ALL)
@@ -400,11 +402,9 @@ def _check_same(champion, rows: list[dict[str, str]]) -> None:
 def test_served_rows_match_the_batch_path(champion, data):
     schema = champion.info.input_schema
     if data is None:  # every token of the pools at least once
-        numeric = [c["name"] for c in schema["columns"] if c["kind"] == "numeric"]
+        numeric = [c.name for c in schema.columns if c.kind == "numeric"]
         other = [
-            c["name"]
-            for c in schema["columns"]
-            if c["kind"] != "numeric" and c["role"] != "key"
+            c.name for c in schema.columns if c.kind != "numeric" and c.role != "key"
         ]
         rows = []
         for k in range(max(len(NUMERIC_CELLS), len(CATEGORY_CELLS))):

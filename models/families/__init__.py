@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from models.family import ModelFamily
 
@@ -28,7 +28,23 @@ DEFAULT_FAMILY = "ae"
 #: Bundles written before families existed record none: they are autoencoders.
 LEGACY_FAMILY = "ae"
 
+#: Settings that say how to run a model, not which model it is.
+RUN_SETTINGS = frozenset({"device", "verbose", "epoch_callback"})
+
 _F = TypeVar("_F", bound=type)
+
+
+def model_params(settings: Mapping[str, Any], n_clusters: int | None) -> dict[str, Any]:
+    """The settings that define a model, from a family's settings.
+
+    The one definition of "model params": the config's requested ones and a
+    saved champion's are both made here, so they compare like for like (any
+    difference retrains).
+    """
+    params = {k: v for k, v in settings.items() if k not in RUN_SETTINGS}
+    params["n_clusters"] = n_clusters
+    return params
+
 
 _registry: dict[str, type[ModelFamily]] = {}
 _lock = threading.RLock()

@@ -1,6 +1,6 @@
 """Partitioned ingest: one task per input file, one commit for the partition.
 
-:func:`tasks.ingest.ingest` reads several files as one dataset, in one process.
+:func:`tasks.ingest.run.ingest` reads several files as one dataset, in one process.
 Here each file is ingested on its own (:func:`ingest_file`, any worker, into a
 scratch directory under ``.staging``) and :func:`commit_ingest` then does what
 the single-process path does across files, before anything is published:
@@ -31,29 +31,26 @@ the second file when the first has fewer than 10,000 rows; pin ``keys`` and
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.errors import InputError, LatentflowError
-from tasks.ingest import IngestResult, _header_mismatch, _resolve_sources, ingest
+from models.schema import Roles, TableSchema
+from tasks.errors import EmptyInputError, InputError, LatentflowError
+from tasks.ingest.layout import REJECTED_LEAD, ROW_ID
+from tasks.ingest.problems import check_reject_share, header_mismatch
+from tasks.ingest.result import ColumnFact, IngestResult
+from tasks.ingest.run import ingest
 from tasks.partitions import discard_staged, open_staged, unit_file_name
 from tasks.policy import IO, PLAIN
+from tasks.sources import resolve_sources
 from tasks.storage import commit_partitions
-
-# The last checks of the single-process ingest (column-level facts); they are
-# recomputed over all files from the Parquet statistics.
-_COLUMN_FACT = re.compile(r"^column .+ is (entirely missing|constant \(.*\))$")
-# Rejected partitions hold these before the raw input columns, _raw_line after.
-_REJECTED_LEAD = 3
 
 
 @dataclass
@@ -74,7 +71,7 @@ class FileIngest:
 
 def list_sources(source: str) -> list[str]:
     """The data files ``source`` names, in the order ingest reads them."""
-    return [str(p) for p in _resolve_sources(source)]
+    return [str(p) for p in resolve_sources(source)]
 
 
 def ingest_file(
@@ -88,8 +85,9 @@ def ingest_file(
     features: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     label: str | None = None,
+    roles: Roles | None = None,
     rules: Sequence[str] = (),
-    expected_schema: dict[str, Any] | None = None,
+    expected_schema: TableSchema | None = None,
     speculative: bool = False,
 ) -> FileIngest:
     """Ingest one file into ``scratch/file-<index>[-typed]`` (not published).
@@ -100,8 +98,8 @@ def ingest_file(
         The file's position in the source and its path.
     scratch
         The run's scratch directory (shared storage for Dask workers).
-    keys, features, exclude, label, rules
-        As for :func:`tasks.ingest.ingest`; ignored with ``expected_schema``
+    keys, features, exclude, label, roles, rules
+        As for :func:`tasks.ingest.run.ingest`; ignored with ``expected_schema``
         except ``rules``.
     expected_schema
         Type the file with this schema (the first file's) instead of inferring.
@@ -115,6 +113,7 @@ def ingest_file(
         ``result`` is None for a file with a header but no rows (a warning in
         the single path, not an error, when the source has several files).
     """
+    asked = roles if roles is not None else Roles.of(keys, features, exclude, label)
     suffix = "-typed" if expected_schema is not None else ""
     out = Path(scratch) / f"file-{index:05d}{suffix}"
     part = FileIngest(index, path, str(out))
@@ -124,25 +123,23 @@ def ingest_file(
             out,
             dataset,
             run_date,
-            keys=None if expected_schema else keys,
-            features=None if expected_schema else features,
-            exclude=() if expected_schema else exclude,
-            label=None if expected_schema else label,
+            # The expected schema fixes every role.
+            roles=Roles() if expected_schema else asked,
             rules=rules,
             expected_schema=expected_schema,
             # The reject share is a property of the whole source: checked once
             # over all files by commit_ingest.
             max_reject_fraction=1.0,
         )
+    except EmptyInputError:
+        return part
     except LatentflowError as exc:
-        if str(exc) in (f"{path} has a header but no rows", f"{path} has no rows"):
-            return part
         if not speculative:
             raise
         part.error = exc
         return part
     rejected = _one_file(Path(part.result.rejected_dir))
-    part.header = pq.read_schema(rejected).names[_REJECTED_LEAD:-1]
+    part.header = pq.read_schema(rejected).names[len(REJECTED_LEAD) : -1]
     return part
 
 
@@ -187,7 +184,7 @@ def _check_headers(parts: Sequence[FileIngest], ref: FileIngest) -> None:
     for p in parts:
         if p.result is not None and p.header != ref.header:
             raise InputError(
-                _header_mismatch(Path(p.path), p.header, Path(ref.path), ref.header)
+                header_mismatch(Path(p.path), p.header, Path(ref.path), ref.header)
             )
 
 
@@ -229,7 +226,7 @@ def commit_ingest(
     assert ref.result is not None
     _check_headers(done, ref)
     schema = ref.result.schema
-    if not [c for c in schema["columns"] if c.get("role") == "key"]:
+    if not schema.keys:
         return None
     ingested = [_one_file(Path(p.result.ingested_dir)) for p in done]  # type: ignore[union-attr]
     if _ids_repeat(ingested):
@@ -239,22 +236,16 @@ def commit_ingest(
     reasons: Counter[str] = Counter()
     for p in done:
         reasons.update(p.result.reject_reasons)  # type: ignore[union-attr]
-    share = rejected / rows_in
-    if share > max_reject_fraction:
-        top = "; ".join(f"{r} ({k})" for r, k in reasons.most_common(3))
-        raise InputError(
-            f"{source}: {rejected} of {rows_in} rows rejected ({share:.1%}), more"
-            f" than max_reject_fraction {max_reject_fraction:.1%}; top reasons:"
-            f" {top}; nothing was written"
-        )
-    warnings = [
-        w
-        for p in done
-        for w in p.result.warnings  # type: ignore[union-attr]
-        if not _COLUMN_FACT.match(w)
-    ]
+    check_reject_share(source, rejected, rows_in, reasons, max_reject_fraction)
+    # Each file's column facts hold for that file only: recomputed over all.
+    warnings = []
+    for p in done:
+        assert p.result is not None
+        own = {f.warning() for f in p.result.column_facts}
+        warnings += [w for w in p.result.warnings if w not in own]
     warnings += [f"{p.path} has a header but no rows" for p in parts if p.empty]
-    warnings += _column_facts(ingested, schema)
+    facts = _column_facts(ingested, schema)
+    warnings += [f.warning() for f in facts]
     ing = open_staged(data_dir, "ingested", dataset, run_date)
     rej = open_staged(data_dir, "rejected", dataset, run_date)
     try:
@@ -283,6 +274,7 @@ def commit_ingest(
         warnings=warnings,
         schema=schema,
         source_files=[p.path for p in parts],
+        column_facts=facts,
     )
 
 
@@ -298,14 +290,14 @@ def _one_file(partition: Path) -> Path:
 def _ids_repeat(files: Sequence[Path]) -> bool:
     """Whether any ``_row_id`` occurs in more than one file (8 bytes a row)."""
     ids = np.concatenate(
-        [pq.read_table(f, columns=["_row_id"]).column(0).to_numpy() for f in files]
+        [pq.read_table(f, columns=[ROW_ID]).column(0).to_numpy() for f in files]
         or [np.zeros(0, np.int64)]
     )
     ids.sort()
     return bool(len(ids) > 1 and (ids[1:] == ids[:-1]).any())
 
 
-def _column_facts(files: Sequence[Path], schema: dict[str, Any]) -> list[str]:
+def _column_facts(files: Sequence[Path], schema: TableSchema) -> list[ColumnFact]:
     """ "entirely missing" / "constant" warnings over all files, from statistics.
 
     A column is reported constant only when every row group's statistics show
@@ -313,12 +305,12 @@ def _column_facts(files: Sequence[Path], schema: dict[str, Any]) -> list[str]:
     """
     out = []
     metas = [pq.read_metadata(f) for f in files]
-    for c in schema["columns"]:
-        if c.get("role") == "key":
+    for c in schema.columns:
+        if c.role == "key":
             continue
         count, values, judged = 0, set(), True
         for meta in metas:
-            j = meta.schema.names.index(c["name"])
+            j = meta.schema.names.index(c.name)
             for rg in range(meta.num_row_groups):
                 col = meta.row_group(rg).column(j)
                 stats = col.statistics
@@ -333,13 +325,12 @@ def _column_facts(files: Sequence[Path], schema: dict[str, Any]) -> list[str]:
                 elif n:
                     judged = False
         if count == 0 and judged:
-            out.append(f"column {c['name']!r} is entirely missing")
+            out.append(ColumnFact(c.name, "missing"))
         elif judged and len(values) == 1:
-            out.append(f"column {c['name']!r} is constant ({next(iter(values))!r})")
+            out.append(ColumnFact(c.name, "constant", next(iter(values))))
     return out
 
 
-list_sources_task = task(list_sources, name="list-sources", **PLAIN)
 ingest_file_task = task(
     ingest_file, name="ingest-file", task_run_name="ingest-file-{index}", **IO
 )

@@ -59,6 +59,47 @@ def mlflow_url(url: str) -> str:
     return url if driver in SYNC_DRIVERS else f"postgresql://{rest}"
 
 
+def with_search_path(url: str, schema: str) -> str:
+    """A sync (libpq) URL whose sessions use ``schema``: MLflow's tables there."""
+    from urllib.parse import quote
+
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options={quote(f'-csearch_path={schema}', safe='')}"
+
+
+def same_database(a: str, b: str) -> bool:
+    """Both URLs name one database on one server (drivers aside)."""
+    from sqlalchemy.engine import make_url
+
+    ua, ub = make_url(a), make_url(b)
+    return (ua.host, ua.port or 5432, ua.database) == (
+        ub.host,
+        ub.port or 5432,
+        ub.database,
+    )
+
+
+def ensure_schemas(url: str, schemas: tuple[str, ...], what: str) -> None:
+    """Create the schemas if missing (needs CREATE on the database)."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = sa.create_engine(
+        url,
+        poolclass=sa.pool.NullPool,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+    )
+    try:
+        with engine.connect() as conn:
+            for schema in schemas:
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    except SQLAlchemyError as exc:
+        raise _unreachable(what, url, exc) from None
+    finally:
+        engine.dispose()
+
+
 def check_mlflow_url(url: str) -> None:
     """MLflow's store needs a sync driver: asyncpg is refused in one line."""
     driver = _driver(url)
@@ -89,8 +130,8 @@ def _unreachable(what: str, url: str, exc: BaseException) -> EnvironmentFault:
     first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     reason = first[0] if first else type(exc).__name__
     return EnvironmentFault(
-        f"{what} {masked(url)} cannot be reached: {reason}; is PostgreSQL running"
-        " and the URL right?"
+        f"{what} {masked(url)} failed: {reason}; is PostgreSQL running, the URL"
+        " right and the user allowed to connect and create tables?"
     )
 
 

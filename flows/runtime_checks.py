@@ -119,18 +119,38 @@ def check_prefect_database() -> None:
 
 
 def migrate_prefect_postgres(url: str) -> None:
-    """Bring Prefect's PostgreSQL schema up to date, one process at a time.
+    """Bring Prefect's PostgreSQL schema and block types up to date, one
+    process at a time.
 
-    The temporary server of every ``latentflow run`` migrates its database on
-    start; several runs started together on a fresh database raced there
-    (``DuplicateColumnError``, a traceback, a slow retry). Here the first run
-    migrates under the database's advisory lock and the others, once it is
-    free, find the schema at head: their servers' migrations then change
-    nothing. A server that cannot be reached is one line, in seconds.
+    The temporary server of every ``latentflow run`` migrates its database and
+    registers Prefect's block types on start; several runs started together on
+    a fresh database raced in both (``DuplicateColumnError``, a unique
+    violation, tracebacks on stderr). Here the first run does both under the
+    database's advisory lock; the others, once it is free, find the schema at
+    head and the blocks registered, so their servers change nothing. A server
+    that cannot be reached is one line, in seconds.
     """
-    from prefect.server.database.alembic_commands import alembic_upgrade
-
     from tasks.pg import check_prefect_url, run_locked_async
 
     check_prefect_url(url)
-    run_locked_async(url, "prefect-schema", "Prefect database", alembic_upgrade)
+    run_locked_async(url, "prefect-schema", "Prefect database", _prepare_prefect)
+
+
+async def _prepare_prefect() -> None:
+    import anyio.to_thread
+    from prefect.server.api.server import _memoize_block_auto_registration
+    from prefect.server.database import provide_database_interface
+    from prefect.server.database.alembic_commands import alembic_upgrade
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    # An AnyIO worker thread: Prefect's migrations call back into this loop.
+    await anyio.to_thread.run_sync(alembic_upgrade)
+
+    async def register() -> None:
+        db = provide_database_interface()
+        async with await db.session() as session:
+            await run_block_auto_registration(session=session)
+
+    # Prefect's own memo (PREFECT_HOME/memo_store.toml): registered once per
+    # block registry and database, as the server itself would skip it.
+    await _memoize_block_auto_registration(register)()

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from tasks.errors import ConfigError, EnvironmentFault
@@ -206,10 +206,11 @@ def advisory_lock(url: str, name: str, what: str) -> Iterator[None]:
         engine.dispose()
 
 
-def run_locked_async(url: str, name: str, what: str, fn: Callable[[], Any]) -> Any:
-    """Run sync ``fn`` (in an AnyIO worker thread) while an async connection to
-    ``url`` (an asyncpg URL, as Prefect's) holds ``pg_advisory_lock``."""
-    import anyio.to_thread
+def run_locked_async(
+    url: str, name: str, what: str, work: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Await ``work()`` while an async connection to ``url`` (an asyncpg URL,
+    as Prefect's) holds ``pg_advisory_lock``; in a new event loop."""
     import sqlalchemy as sa
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -234,9 +235,7 @@ def run_locked_async(url: str, name: str, what: str, fn: Callable[[], Any]) -> A
                         raise _lock_timeout(what, url)
                     await asyncio.sleep(_POLL_SECONDS)
                 try:
-                    # An AnyIO worker thread: Prefect's migrations call back
-                    # into this loop from there.
-                    return await anyio.to_thread.run_sync(fn)
+                    return await work()
                 finally:
                     await conn.execute(sa.text(_UNLOCK), key)
             finally:

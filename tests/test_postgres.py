@@ -240,11 +240,29 @@ def test_same_dataset_twice_at_once_one_refused(tmp_path, csvs, pg_database):
     prefect_db, mlflow_db = pg_database(), pg_database()
     env = pg_env(tmp_path / "prefect-home", mlflow_db, prefect_db)
     data = tmp_path / "data"
+    # Schemas made first, as after any earlier run: fresh databases would
+    # serialise the two runs' starts (one migrates, the other waits for it)
+    # and they might then not overlap at all.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys;"
+            "from flows.runtime_checks import migrate_prefect_postgres as m;"
+            "from tasks.registry import configure;"
+            "m(os.environ['PREFECT_API_DATABASE_CONNECTION_URL']);"
+            "configure(sys.argv[1])",
+            str(data),
+        ],
+        env=env,
+        check=True,
+        timeout=300,
+    )
     procs = [
         start_run(csvs["alpha"], data, "alpha", env, "--retrain") for _ in range(2)
     ]
     results = sorted((finish(p) for p in procs), key=lambda r: r[0])
-    assert [r[0] for r in results] == [0, 2], [r[2][-2000:] for r in results]
+    assert [r[0] for r in results] == [0, 2], [r[2][-3000:] for r in results]
     (_, out, _), (_, loser_out, loser_err) = results
     assert loser_out == ""
     assert loser_err.strip().splitlines()[-1].startswith("latentflow: error: dataset")

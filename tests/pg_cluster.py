@@ -57,7 +57,7 @@ def _run_as(user: pwd.struct_passwd | None, argv: list[str]) -> None:
         check=True,
         env=env,
         stdin=subprocess.DEVNULL,
-        stdout=sys.stderr,
+        stdout=subprocess.DEVNULL,  # its chatter; errors go to stderr
         cwd="/",
         **kwargs,
     )

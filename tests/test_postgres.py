@@ -180,55 +180,46 @@ def test_prefect_database_needs_asyncpg(tmp_path, csvs):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_pipeline_end_to_end_on_postgres(tmp_path, csvs, pg_database):
+def test_two_datasets_at_once_on_fresh_postgres_then_reuse(tmp_path, csvs, pg_database):
+    """The pipeline end to end with both Prefect and MLflow on PostgreSQL.
+
+    Two datasets start together on fresh databases and create the schemas
+    together: before the advisory lock, Prefect's migrations and block
+    registration raced (DuplicateColumnError, tracebacks from its temporary
+    server). Then a second run of one finds its champion in the registry.
+    """
     prefect_db, mlflow_db = pg_database(), pg_database()
     home = tmp_path / "prefect-home"
     env = pg_env(home, mlflow_db, prefect_db)
     data = tmp_path / "data"
-    rc, out, err = finish(start_run(csvs["alpha"], data, "alpha", env))
-    assert rc == 0, err[-3000:]
-    first = summary_of(out)
-    assert first["trained"] and first["decision"] == "promote"
-
-    # The champion is found in the PostgreSQL registry and reused.
-    rc, out, err = finish(start_run(csvs["alpha"], data, "alpha", env))
-    assert rc == 0, err[-3000:]
-    again = summary_of(out)
-    assert not again["trained"] and again["model_version"] == first["model_version"]
-    model = load_champion(mlflow_db, first["model_name"])
-    assert model.metadata.run_id == first["mlflow_run_id"]
-
-    # Both stores are the databases: no SQLite file anywhere.
-    assert not (data / "mlflow.db").exists()
-    assert not list(home.rglob("*.db")), list(home.rglob("*.db"))
-    runs = flow_runs(prefect_db)
-    assert sum(state.endswith("COMPLETED") for _, state in runs) >= 2, runs
-    # Artifacts still go under the data dir.
-    assert_under(data, model_version_locations(mlflow_db))
-    assert (data / "mlartifacts" / "alpha").is_dir()
-
-
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_two_datasets_at_once_on_fresh_postgres(tmp_path, csvs, pg_database):
-    """Both runs find fresh databases and create their schemas together: before
-    the advisory lock, Prefect's migrations raced (DuplicateColumnError and a
-    traceback from its temporary server)."""
-    prefect_db, mlflow_db = pg_database(), pg_database()
-    env = pg_env(tmp_path / "prefect-home", mlflow_db, prefect_db)
-    data = tmp_path / "data"
     procs = {n: start_run(csv, data, n, env) for n, csv in csvs.items()}
     results = {n: finish(p) for n, p in procs.items()}
+    firsts = {}
     for name, (rc, out, err) in results.items():
         assert rc == 0, (name, err[-3000:])
         assert "Traceback" not in err and "Error" not in err, (name, err[-3000:])
-        summary = summary_of(out)
+        firsts[name] = summary = summary_of(out)
         assert summary["dataset"] == name and summary["decision"] == "promote"
         assert (
             load_champion(mlflow_db, summary["model_name"]).metadata.run_id
             == (summary["mlflow_run_id"])
         )
+
+    # The champion is found in the PostgreSQL registry and reused.
+    rc, out, err = finish(start_run(csvs["alpha"], data, "alpha", env))
+    assert rc == 0, err[-3000:]
+    again = summary_of(out)
+    assert not again["trained"]
+    assert again["model_version"] == firsts["alpha"]["model_version"]
+
+    # Both stores are the databases: no SQLite file anywhere.
+    assert not (data / "mlflow.db").exists()
+    assert not list(home.rglob("*.db")), list(home.rglob("*.db"))
+    runs = flow_runs(prefect_db)
+    assert sum(state.endswith("COMPLETED") for _, state in runs) >= 3, runs
+    # Artifacts still go under the data dir.
     assert_under(data, model_version_locations(mlflow_db))
+    assert (data / "mlartifacts" / "alpha").is_dir()
 
 
 @pytest.mark.slow

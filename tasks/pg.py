@@ -25,9 +25,8 @@ SYNC_DRIVERS = ("psycopg2", "psycopg")
 
 
 def is_postgres(url: str) -> bool:
-    """``postgresql://…`` or ``postgresql+<driver>://…`` (also ``postgres://``)."""
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-    return scheme in ("postgresql", "postgres")
+    """``postgresql://…`` or ``postgresql+<driver>://…`` (SQLAlchemy's spelling)."""
+    return url.split(":", 1)[0].split("+", 1)[0].lower() == "postgresql"
 
 
 def masked(url: str) -> str:

@@ -144,15 +144,37 @@ def test_serve_database_urls_one_schema_each_in_a_shared_database():
         databases(None, "postgresql://lf@db/x", "postgresql://lf@db:5432/x")
 
 
-def test_unreachable_postgres_is_one_line_in_seconds(tmp_path, csvs):
-    """Before: MLflow's engine retried for minutes, then a traceback-free but
-    5-minute failure; now the pre-flight check names the server at once."""
+def _closed_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nobody listens
-    url = f"postgresql://lf:secret@127.0.0.1:{port}/mlflow"
+        return s.getsockname()[1]  # closed once the block ends: nobody listens
+
+
+def test_serve_refuses_an_unreachable_database_before_starting(tmp_path):
+    url = f"postgresql://lf:secret@127.0.0.1:{_closed_port()}/latentflow"
+    argv = [sys.executable, "-m", "deployments.serve", "--data-dir", str(tmp_path)]
+    argv += ["--port", str(_closed_port()), "--database-url", url]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serve: PostgreSQL database"), lines
+    assert "lf:***@127.0.0.1" in lines[0] and "secret" not in proc.stderr
+    assert not (tmp_path / ".serve-logs").exists()
+
+
+def test_unreachable_postgres_is_one_line_in_seconds(tmp_path, csvs):
+    """Before: MLflow's engine retried for minutes, then a traceback-free but
+    5-minute failure; now the pre-flight check names the server at once."""
+    url = f"postgresql://lf:secret@127.0.0.1:{_closed_port()}/mlflow"
     data = tmp_path / "data"
     t0 = time.monotonic()
     rc, out, err = finish(

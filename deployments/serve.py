@@ -10,6 +10,14 @@ Starts, all on 127.0.0.1 unless ``--host`` says otherwise:
    (02:00 Australia/Sydney) and ``latentflow-on-demand`` and runs their flow
    runs as subprocesses, writing under the same data dir.
 
+With ``--database-url postgresql://USER@HOST:PORT/DB`` both the Prefect
+server and MLflow (the UI and every run's tracking and registry) use that
+PostgreSQL database instead of SQLite; ``--prefect-database-url`` and
+``--mlflow-database-url`` give each its own (better: the ``LATENTFLOW_*``
+variables of the same names, which ``ps`` does not show). Prefect gets the
+URL as ``postgresql+asyncpg://``, MLflow as ``postgresql://`` (psycopg2).
+Artifacts stay under the data dir either way.
+
 It prints the URLs and waits. Ctrl-C or SIGTERM stops the three (runner first,
 then MLflow, then the server; SIGKILL after a grace period), each started in
 its own process group so that their own children go too. If one of them dies
@@ -51,6 +59,10 @@ STOP_GRACE_SECONDS = 20.0
 # Same as deployments.definitions.NIGHTLY / ON_DEMAND (a test keeps them equal);
 # not imported from there, which would load torch and MLflow into the supervisor.
 DEPLOYMENT_NAMES = ("weatheraus-nightly", "latentflow-on-demand")
+# One database for both (--database-url): a schema each.
+PREFECT_SCHEMA = "prefect"
+MLFLOW_SCHEMA = "mlflow"
+PREFECT_SEARCH_PATH_ENV = "PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_SEARCH_PATH"
 
 
 @dataclass
@@ -101,6 +113,75 @@ class Child:
         return how
 
 
+@dataclass(frozen=True)
+class Databases:
+    """Where the Prefect server and MLflow keep their state; None: SQLite in the
+    data dir. URLs in the form each library wants (:func:`databases`)."""
+
+    prefect: str | None = None
+    mlflow: str | None = None
+    #: Prefect's schema when both share one database (their alembic tables
+    #: would collide in one schema); MLflow's is in its URL.
+    prefect_search_path: str | None = None
+    #: (sync URL, schemas) to create before the servers start.
+    schemas: tuple[str, tuple[str, ...]] | None = None
+
+
+def databases(both: str | None, prefect: str | None, mlflow: str | None) -> Databases:
+    """The two URLs from the options; ValueError (one line) for one that is
+    not PostgreSQL. A URL of its own wins over ``both``."""
+    from tasks.pg import (
+        is_postgres,
+        mlflow_url,
+        prefect_url,
+        same_database,
+        with_search_path,
+    )
+
+    chosen = {"prefect": prefect or both, "mlflow": mlflow or both}
+    for name, url in chosen.items():
+        if url and not is_postgres(url):
+            raise ValueError(
+                f"the {name} database URL must be postgresql://USER@HOST:PORT/DB"
+                f" (SQLite in the data dir is the default without one)"
+            )
+    if prefect and mlflow and same_database(prefect, mlflow):
+        raise ValueError(
+            "--prefect-database-url and --mlflow-database-url name one database:"
+            " give it as --database-url (each gets its own schema there)"
+        )
+    if both and not prefect and not mlflow:
+        # One database for both: a schema each, or their alembic_version
+        # tables (and so their migrations) collide.
+        sync = mlflow_url(both)
+        return Databases(
+            prefect=prefect_url(both),
+            mlflow=with_search_path(sync, MLFLOW_SCHEMA),
+            prefect_search_path=f"{PREFECT_SCHEMA}, public",
+            schemas=(sync, (PREFECT_SCHEMA, MLFLOW_SCHEMA)),
+        )
+    return Databases(
+        prefect=prefect_url(chosen["prefect"]) if chosen["prefect"] else None,
+        mlflow=mlflow_url(chosen["mlflow"]) if chosen["mlflow"] else None,
+    )
+
+
+def check_databases(dbs: Databases) -> None:
+    """Each PostgreSQL server answers (one line naming it, in seconds, if not)."""
+    from tasks.pg import ensure_schemas, probe
+
+    if dbs.schemas:
+        url, schemas = dbs.schemas
+        ensure_schemas(url, schemas, "PostgreSQL database")
+    if dbs.prefect:
+        # Probed through a sync driver: same server, database and credentials.
+        from tasks.pg import mlflow_url
+
+        probe(mlflow_url(dbs.prefect), "Prefect database")
+    if dbs.mlflow:
+        probe(dbs.mlflow, "MLflow store")
+
+
 def service_env(
     *,
     host: str,
@@ -108,8 +189,10 @@ def service_env(
     data_dir: Path,
     base: dict[str, str] | None = None,
     auth: str | None = None,
+    dbs: Databases | None = None,
 ) -> dict[str, str]:
     """The environment shared by the server, the runner, flow runs and MLflow."""
+    dbs = dbs or Databases()
     env = dict(os.environ if base is None else base)
     # Never inherited by accident: auth is on exactly when this serve says so.
     for name in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
@@ -141,6 +224,17 @@ def service_env(
 
     # A user's MLflow server would split the runs' store from the UI shown here.
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_BACKEND_STORE_URI", None)
+    if dbs.mlflow:
+        # Runs track and register there (artifacts stay in the data dir); the
+        # MLflow UI reads it from MLFLOW_BACKEND_STORE_URI, not from argv (ps).
+        env["MLFLOW_TRACKING_URI"] = dbs.mlflow
+        env["MLFLOW_BACKEND_STORE_URI"] = dbs.mlflow
+    if dbs.prefect:
+        # Read by the server only: the runner and flow runs call its API.
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = dbs.prefect
+    if dbs.prefect_search_path:
+        env[PREFECT_SEARCH_PATH_ENV] = dbs.prefect_search_path
     return env
 
 
@@ -236,7 +330,12 @@ def wait_deployments_applied(
 
 
 def children(
-    *, host: str, port: int, mlflow_port: int | None, data_dir: Path
+    *,
+    host: str,
+    port: int,
+    mlflow_port: int | None,
+    data_dir: Path,
+    mlflow_db: bool = False,
 ) -> list[Child]:
     """The processes to start, in start order."""
     url = f"http://{_url_host(host)}:{port}"
@@ -265,8 +364,15 @@ def children(
                 [
                     str(BIN / "mlflow"),
                     "ui",
-                    "--backend-store-uri",
-                    f"sqlite:///{(data_dir / 'mlflow.db').as_posix()}",
+                    # With a database: MLFLOW_BACKEND_STORE_URI (service_env).
+                    *(
+                        []
+                        if mlflow_db
+                        else [
+                            "--backend-store-uri",
+                            f"sqlite:///{(data_dir / 'mlflow.db').as_posix()}",
+                        ]
+                    ),
                     "--host",
                     ml_host,
                     "--port",
@@ -293,8 +399,10 @@ def run(
     data_dir: Path,
     start_timeout: float = 180.0,
     auth: str | None = None,
+    dbs: Databases | None = None,
 ) -> int:
     """Start everything, print the URLs, wait for a signal; returns the exit code."""
+    dbs = dbs or Databases()
     if not auth and not is_loopback(host):
         print(
             f"serve: --host {host} lets others reach an API that starts runs;"
@@ -313,8 +421,21 @@ def run(
             file=sys.stderr,
         )
         return 2
-    env = service_env(host=host, port=port, data_dir=data_dir, auth=auth)
-    procs = children(host=host, port=port, mlflow_port=mlflow_port, data_dir=data_dir)
+    from tasks.errors import LatentflowError
+
+    try:
+        check_databases(dbs)
+    except LatentflowError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    env = service_env(host=host, port=port, data_dir=data_dir, auth=auth, dbs=dbs)
+    procs = children(
+        host=host,
+        port=port,
+        mlflow_port=mlflow_port,
+        data_dir=data_dir,
+        mlflow_db=dbs.mlflow is not None,
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         raise _Stop(signal.Signals(signum).name)
@@ -343,6 +464,8 @@ def run(
             ml = host if is_loopback(host) else "127.0.0.1"
             print(f"MLflow UI:   http://{_url_host(ml)}:{mlflow_port}", flush=True)
         print(f"API auth:    {'basic' if auth else 'off'}", flush=True)
+        print(f"Prefect DB:  {_shown(dbs.prefect, data_dir / '.prefect')}", flush=True)
+        print(f"MLflow DB:   {_shown(dbs.mlflow, data_dir / 'mlflow.db')}", flush=True)
         print(f"data dir:    {data_dir}", flush=True)
         print(f"logs:        {log_dir}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
@@ -378,6 +501,12 @@ def run(
     return code
 
 
+def _shown(url: str | None, sqlite: Path) -> str:
+    from tasks.pg import masked
+
+    return masked(url) if url else f"SQLite under {sqlite}"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m deployments.serve",
@@ -409,12 +538,32 @@ def _parser() -> argparse.ArgumentParser:
         help="require HTTP basic auth on the Prefect API (default:"
         " $LATENTFLOW_SERVER_AUTH, which ps does not show)",
     )
+    for flag, env, what in (
+        ("--database-url", "LATENTFLOW_DATABASE_URL", "both Prefect and MLflow"),
+        ("--prefect-database-url", "LATENTFLOW_PREFECT_DATABASE_URL", "Prefect"),
+        ("--mlflow-database-url", "LATENTFLOW_MLFLOW_DATABASE_URL", "MLflow"),
+    ):
+        p.add_argument(
+            flag,
+            default=os.environ.get(env) or None,
+            metavar="postgresql://USER@HOST:PORT/DB",
+            help=f"PostgreSQL for {what} (default: ${env}, which ps does not"
+            " show; none: SQLite in the data dir)",
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        dbs = databases(
+            args.database_url, args.prefect_database_url, args.mlflow_database_url
+        )
+    except ValueError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     return run(
+        dbs=dbs,
         host=args.host,
         port=args.port,
         mlflow_port=None if args.no_mlflow else args.mlflow_port,

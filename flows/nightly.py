@@ -170,6 +170,7 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
                 Path(champion.model_dir),
                 psi_threshold=cfg.drift_psi_threshold,
                 seed=cfg.random_state,
+                device=cfg.device,
             )
             logger.info("drift: %s", drift.to_dict())
             decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
@@ -217,6 +218,7 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
             mlflow_run_id=run_id,
             config_hash=cfg.config_hash(),
             batch_rows=cfg.score_batch_rows,
+            device=cfg.device,
         )
         outputs.add("latent", scored.staged_dir)
         published = commit_run_date_task.with_options(task_run_name=f"commit-{tag}")(
@@ -257,6 +259,7 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         bundle,
         [r["_row_id"] for r in scored.top_anomalies],
         keys,
+        device=cfg.device,
     )
     publish_report.with_options(task_run_name=f"report-{tag}")(
         summary, metrics, summary["reason"], top, key=dataset.replace("_", "-")
@@ -334,6 +337,7 @@ def score_partitioned(
     batch_rows: int,
     unit_rows: int = DEFAULT_UNIT_ROWS,
     publish: bool = True,
+    device: str = "cpu",
 ) -> ScoreResult:
     """Score the partition's row-group units in parallel; commit them as one.
 
@@ -352,13 +356,19 @@ def score_partitioned(
         mlflow_run_id=mlflow_run_id,
         config_hash=config_hash,
         unit_rows=unit_rows,
+        device=device,
     )
     get_run_logger().info("scoring %d rows in %d units", plan.rows, len(plan.units))
     staged = open_staged(data_dir, "latent", dataset, run_date)
     try:
         futures = [
             score_unit_task.submit(
-                unit, plan.layout, bundle, staged.path, batch_rows=batch_rows
+                unit,
+                plan.layout,
+                bundle,
+                staged.path,
+                batch_rows=batch_rows,
+                device=device,
             )
             for unit in plan.units
         ]

@@ -43,6 +43,19 @@ def check_data_dir(data_dir: str) -> None:
             return
 
 
+def check_mlflow_database() -> None:
+    """A PostgreSQL ``MLFLOW_TRACKING_URI`` must take a sync driver and answer:
+    checked before the run starts, in seconds, not after ingest and training."""
+    from tasks.pg import check_mlflow_url, is_postgres, probe
+    from tasks.registry import user_tracking_uri
+
+    uri = user_tracking_uri()
+    if uri is None or not is_postgres(uri):
+        return
+    check_mlflow_url(uri)
+    probe(uri, "MLflow store")
+
+
 def check_runtime(cfg: PipelineConfig) -> None:
     """Everything a run of ``cfg`` needs from this machine before it starts.
 
@@ -51,6 +64,7 @@ def check_runtime(cfg: PipelineConfig) -> None:
     """
     check_data_dir(cfg.data_dir)
     check_device(cfg.device)
+    check_mlflow_database()
     run = cfg.resolved()
     if run.dataset and run.run_date:
         data_dir = Path(run.data_dir).expanduser().resolve()
@@ -79,6 +93,9 @@ def check_prefect_database() -> None:
             "the Prefect database URL (PREFECT_API_DATABASE_CONNECTION_URL or"
             " PREFECT_SERVER_DATABASE_CONNECTION_URL) is not a database URL"
         ) from None
+    if url.get_backend_name() == "postgresql":
+        migrate_prefect_postgres(text)
+        return
     if url.get_backend_name() != "sqlite" or not url.database:
         return
     if url.database.startswith(":memory:") or "mode=memory" in str(url.query):
@@ -99,3 +116,41 @@ def check_prefect_database() -> None:
         if fault is None:
             raise
         raise fault from None
+
+
+def migrate_prefect_postgres(url: str) -> None:
+    """Bring Prefect's PostgreSQL schema and block types up to date, one
+    process at a time.
+
+    The temporary server of every ``latentflow run`` migrates its database and
+    registers Prefect's block types on start; several runs started together on
+    a fresh database raced in both (``DuplicateColumnError``, a unique
+    violation, tracebacks on stderr). Here the first run does both under the
+    database's advisory lock; the others, once it is free, find the schema at
+    head and the blocks registered, so their servers change nothing. A server
+    that cannot be reached is one line, in seconds.
+    """
+    from tasks.pg import check_prefect_url, run_locked_async
+
+    check_prefect_url(url)
+    run_locked_async(url, "prefect-schema", "Prefect database", _prepare_prefect)
+
+
+async def _prepare_prefect() -> None:
+    import anyio.to_thread
+    from prefect.server.api.server import _memoize_block_auto_registration
+    from prefect.server.database import provide_database_interface
+    from prefect.server.database.alembic_commands import alembic_upgrade
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    # An AnyIO worker thread: Prefect's migrations call back into this loop.
+    await anyio.to_thread.run_sync(alembic_upgrade)
+
+    async def register() -> None:
+        db = provide_database_interface()
+        async with await db.session() as session:
+            await run_block_auto_registration(session=session)
+
+    # Prefect's own memo (PREFECT_HOME/memo_store.toml): registered once per
+    # block registry and database, as the server itself would skip it.
+    await _memoize_block_auto_registration(register)()

@@ -115,9 +115,13 @@ def measure_drift(
     psi_threshold: float = 0.2,
     max_rows: int = 200_000,
     seed: int = 0,
+    device: str = "cpu",
 ) -> DriftReport:
-    """Compare a seeded sample of the new partition with the champion's reference."""
-    model = LatentModel.load(champion_dir)
+    """Compare a seeded sample of the new partition with the champion's reference.
+
+    The sample is scored on ``device`` (the run's: ``auto`` is CUDA when present).
+    """
+    model = LatentModel.load(champion_dir, device=device)
     ref = model.info.reference or {}
     columns = model.preprocessor.input_columns
     table, _ = read_training_rows(ingested_dir, columns, max_rows, seed)

@@ -57,6 +57,7 @@ from tasks.errors import (
     sqlite_code,
 )
 from tasks.faults import checkpoint
+from tasks.pg import advisory_lock, check_mlflow_url, is_postgres
 from tasks.policy import PLAIN
 from tasks.storage import resolve_under
 
@@ -226,7 +227,15 @@ def init_store(
             ) from exc
 
     with _InitLock(tracking.data_dir, wait_seconds):
-        _safe("open its store", create)
+        if not is_postgres(tracking.uri):
+            _safe("open its store", create)
+            return
+        # Data dirs on other machines may share the database: its own lock.
+        # Connecting is tried once first, so a server that is down is one line
+        # in seconds rather than MLflow's minutes of engine retries.
+        check_mlflow_url(tracking.uri)
+        with advisory_lock(tracking.uri, "mlflow-schema", "MLflow store"):
+            _safe("open its store", create)
 
 
 def _store_file() -> str | None:

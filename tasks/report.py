@@ -19,11 +19,13 @@ def worst_features(
     row_ids: list[int],
     keys: list[str],
     n: int = 3,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """For the given rows, the ``n`` input columns with the largest errors."""
+    """For the given rows, the ``n`` input columns with the largest errors,
+    computed on ``device`` (the run's: ``auto`` is CUDA when present)."""
     if not row_ids:
         return []
-    model = LatentModel.load(bundle_dir)
+    model = LatentModel.load(bundle_dir, device=device)
     cols = [
         "_row_id",
         *keys,

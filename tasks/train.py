@@ -175,7 +175,9 @@ def train_model(
     }
     metrics.update(_pca_baseline(x_train, x_hold, est.latent_dim, seed))
     if champion_dir is not None:
-        champion_mse = mse_in_space(LatentModel.load(champion_dir), hold_t, pre, x_hold)
+        # On the challenger's device: the gate compares both on the same rows.
+        champion = LatentModel.load(champion_dir, device=getattr(est, "device", "cpu"))
+        champion_mse = mse_in_space(champion, hold_t, pre, x_hold)
         if champion_mse is not None:
             metrics["champion_holdout_mse"] = champion_mse
     metrics["val_mse_vs_pca"] = metrics["val_mse"] / max(metrics["pca_val_mse"], 1e-12)

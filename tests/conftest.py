@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,59 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server's superuser URL (``postgresql://…/postgres``).
+
+    ``.ci/run`` starts one and exports ``LATENTFLOW_TEST_POSTGRES_URL``; without
+    it, one is started here from Debian's binaries, and the tests skip when
+    those are not installed either.
+    """
+    from tests import pg_cluster
+
+    url = os.environ.get(pg_cluster.URL_ENV)
+    if url:
+        yield url
+        return
+    if pg_cluster.bin_dir() is None:
+        pytest.skip(
+            f"no PostgreSQL: set {pg_cluster.URL_ENV} or apt-get install postgresql"
+        )
+    root, url = pg_cluster.start()
+    try:
+        yield url
+    finally:
+        pg_cluster.stop(root)
+
+
+@pytest.fixture
+def pg_database(postgres_server: str) -> Iterator[Callable[[], str]]:
+    """Makes fresh, empty databases on the test server; drops them afterwards."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(
+        postgres_server, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+    )
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"lf_{uuid.uuid4().hex[:12]}"
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+
+    try:
+        yield make
+    finally:
+        with engine.connect() as conn:
+            for name in made:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
 
 
 @pytest.fixture(autouse=True)

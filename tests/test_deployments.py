@@ -45,7 +45,12 @@ class ServeStack:
     """``python -m deployments.serve`` in a subprocess, and how to reach it."""
 
     def __init__(
-        self, root: Path, *, mlflow: bool = True, auth: str | None = None
+        self,
+        root: Path,
+        *,
+        mlflow: bool = True,
+        auth: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         from tasks.synthetic import write_weatheraus_like_csv
 
@@ -57,6 +62,7 @@ class ServeStack:
         self.api_url = f"{self.url}/api"
         # The server's basic-auth string (``--auth-string``); None: no auth.
         self.auth = auth
+        self.args = list(args)  # more options for deployments.serve
         # Tiny, deterministic input; also the nightly default, so a 02:00 Sydney
         # run that happens to fire during the tests costs nothing.
         self.csv = write_weatheraus_like_csv(root / "input" / "weatherAUS.csv", 2000)
@@ -87,6 +93,7 @@ class ServeStack:
             if self.mlflow_port
             else ["--no-mlflow"]
         )
+        argv += self.args
         if self.auth is not None:
             env["LATENTFLOW_SERVER_AUTH"] = self.auth  # not on the command line
         with open(self.stdout, "wb") as out:

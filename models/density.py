@@ -23,17 +23,24 @@ both views to the autoencoder's own:
     training column (HBOS, Goldstein & Dengel 2012): ``-log2(density + alpha)``,
     shifted so the densest bin scores 0. The number of bins comes from the
     Birge-Rozenblac rule per column, as in PyOD's ``HBOS(n_bins="auto")``.
+    Each column also gets the tail surprisal of ECOD (Li et al. 2022):
+    ``-log`` of the smaller of the two empirical tail probabilities of the value,
+    tabulated at the midpoints of ``tail_points`` equal cells spanning the
+    training range (values beyond it score the largest surprisal,
+    ``log(n + 1)``). The histogram says "rare",
+    the tail says "extreme"; the marginal term is their mean, each divided by
+    its training standard deviation.
     Columns with at most two distinct training values (one-hot and missing
     indicators) are left out: a histogram of a 0/1 column only says how rare
     the category is, which the code already carries, and skipping them keeps
     scoring cheap on wide encoded tables.
 
-The score is ``marginal.sum() / s_m + neighbour / s_n``, each term divided by
-its standard deviation over the training rows: the z-score sum of the two, less
-a constant, so it ranks rows exactly as the z-score sum does while staying
-non-negative. Per-feature contributions split it exactly: each feature's own
-marginal term plus the neighbour term shared in proportion to the feature's
-normalised reconstruction error.
+The score is ``(hist / s_h + tail / s_t) / 2 + neighbour / s_n`` (``hist`` and
+``tail`` summed over the columns), each term divided by its standard deviation
+over the training rows: a weighted z-score sum, less a constant, so it ranks
+rows as that sum does while staying non-negative. Per-feature contributions
+split it exactly: each feature's own marginal term plus the neighbour term,
+shared in proportion to the feature's normalised reconstruction error.
 
 Everything fitted is a tensor buffer, so it saves in the estimator's
 ``state_dict`` file and loads with ``torch.load(weights_only=True)``.
@@ -57,6 +64,8 @@ SET_ROWS = 64
 MAX_BINS = 64
 #: Rows the bin-count rule looks at per feature; the histogram uses all rows.
 BIN_RULE_ROWS = 20_000
+#: Cells per column of the tail-probability table.
+TAIL_POINTS = 256
 #: HBOS regulariser: keeps an empty bin's surprisal finite.
 ALPHA = 0.1
 #: Values this many bin widths beyond the training range count as the edge bin.
@@ -121,6 +130,8 @@ class DensityScore(nn.Module):
         Features with a histogram (those with more than two distinct training
         values); None means all. Set by :meth:`fit`'s caller, see
         :func:`marginal_columns`.
+    tail_points : int, default=TAIL_POINTS
+        Cells of the per-column tail table.
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class DensityScore(nn.Module):
         set_rows: int = SET_ROWS,
         max_bins: int = MAX_BINS,
         n_marginal: int | None = None,
+        tail_points: int = TAIL_POINTS,
     ) -> None:
         super().__init__()
         self.n_features = int(n_features)
@@ -155,8 +167,13 @@ class DensityScore(nn.Module):
         self.register_buffer("hist_halfsteps", torch.ones(m))
         self.register_buffer("hist_top", torch.ones(m))
         self.register_buffer("hist_table", torch.zeros(m, 2 * self.max_bins + 4))
-        # Standard deviations over the training rows of [marginal sum, neighbour].
-        self.register_buffer("term_scale", torch.ones(2))
+        self.tail_points = int(tail_points)
+        # Row i: [below the range, cell 0 .. cell G-1, the maximum, beyond].
+        self.register_buffer("tail_table", torch.zeros(m, self.tail_points + 3))
+        self.register_buffer("tail_low", torch.zeros(m))
+        self.register_buffer("tail_inverse_step", torch.ones(m))
+        # Standard deviations over the training rows of [hist, tail, neighbour].
+        self.register_buffer("term_scale", torch.ones(3))
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-serialisable."""
@@ -167,6 +184,7 @@ class DensityScore(nn.Module):
             "set_rows": self.set_rows,
             "max_bins": self.max_bins,
             "n_marginal": self.n_marginal,
+            "tail_points": self.tail_points,
         }
 
     @classmethod
@@ -218,24 +236,23 @@ class DensityScore(nn.Module):
                 torch.from_numpy(code)[chosen], torch.from_numpy(sq_error)[chosen]
             ).reshape(self.references.shape)
         )
-        marginal = np.empty(n)
-        neighbour = np.empty(n)
+        terms = np.empty((3, n))
         for start in range(0, n, FIT_CHUNK):
             stop = min(start + FIT_CHUNK, n)
-            marginal[start:stop] = (
-                self.marginal(torch.from_numpy(x[start:stop])).sum(dim=1).numpy()
-            )
+            rows = torch.from_numpy(x[start:stop])
+            terms[0, start:stop] = self.histogram(rows).sum(dim=1).numpy()
+            terms[1, start:stop] = self.tail(rows).sum(dim=1).numpy()
             emb = self.embed(
                 torch.from_numpy(code[start:stop]),
                 torch.from_numpy(sq_error[start:stop]),
             )
-            neighbour[start:stop] = self._neighbour(
+            terms[2, start:stop] = self._neighbour(
                 emb, members=members, first_row=start
             ).numpy()
-        scale = np.array([marginal.std(), neighbour.std()])
+        scale = terms.std(axis=1)
         scale = np.where(np.isfinite(scale) & (scale > _EPS), scale, 1.0)
         self.term_scale.copy_(torch.from_numpy(scale))
-        return marginal / scale[0] + neighbour / scale[1]
+        return (terms[0] / scale[0] + terms[1] / scale[1]) / 2 + terms[2] / scale[2]
 
     def _fit_histograms(self, x: np.ndarray, rng: np.random.Generator) -> None:
         n = x.shape[0]
@@ -269,6 +286,7 @@ class DensityScore(nn.Module):
             table[i, 1] = surprisal[0]
             table[i, 2 : 2 + 2 * b] = np.repeat(surprisal, 2)
             table[i, 2 + 2 * b] = surprisal[-1]
+        self._fit_tails(x[:, columns])
         self.marginal_columns.copy_(torch.from_numpy(columns))
         self.hist_low.copy_(torch.from_numpy(low))
         self.hist_halfsteps.copy_(torch.from_numpy(halfsteps))
@@ -282,7 +300,49 @@ class DensityScore(nn.Module):
         err = (sq_error / self.error_scale).mean(dim=1, keepdim=True).sqrt()
         return torch.cat([z, err], dim=1)
 
+    def _fit_tails(self, columns: np.ndarray) -> None:
+        n, m = columns.shape
+        cells = self.tail_points
+        table = np.empty((m, cells + 3))
+        low = columns.min(axis=0).astype(np.float64)
+        span = columns.max(axis=0).astype(np.float64) - low
+        step = np.where(span > 0, span / cells, 1.0)
+        extreme = math.log(n + 1)
+        for i in range(m):
+            ordered = np.sort(columns[:, i].astype(np.float64))
+            mids = low[i] + (np.arange(cells) + 0.5) * step[i]
+            below = np.searchsorted(ordered, mids, side="right")
+            above = n - np.searchsorted(ordered, mids, side="left")
+            # The smaller tail, at least one row so no value scores infinity.
+            count = np.maximum(np.minimum(below, above), 1)
+            table[i, 1 : cells + 1] = np.log((n + 1) / count)
+            table[i, cells + 1] = table[i, cells]
+            table[i, 0] = table[i, cells + 2] = extreme
+        self.tail_table.copy_(torch.from_numpy(table))
+        self.tail_low.copy_(torch.from_numpy(low))
+        self.tail_inverse_step.copy_(torch.from_numpy(1.0 / step))
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Tail surprisal of each marginal column, shape (n, n_marginal), > 0."""
+        cell = x.index_select(1, self.marginal_columns).sub_(self.tail_low)
+        cell = cell.mul_(self.tail_inverse_step).floor_()
+        cell = cell.clamp_(-1.0, self.tail_points + 1.0).add_(self._tail_offsets)
+        return self.tail_table.reshape(-1).take(cell.long())
+
+    @property
+    def _tail_offsets(self) -> torch.Tensor:
+        width = self.tail_table.shape[1]
+        rows = torch.arange(self.n_marginal, device=self.tail_table.device)
+        return (rows * width + 1).to(self.tail_table.dtype)
+
     def marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """Marginal term of each marginal column, shape (n, n_marginal), >= 0:
+        the mean of the histogram and tail surprisals, each divided by its
+        training scale."""
+        scale = self.term_scale.to(x.dtype)
+        return (self.histogram(x) / scale[0] + self.tail(x) / scale[1]) / 2
+
+    def histogram(self, x: torch.Tensor) -> torch.Tensor:
         """Histogram surprisal of each column that has one, shape (n, n_marginal),
         >= 0."""
         half = x.index_select(1, self.marginal_columns).sub_(self.hist_low)
@@ -337,18 +397,17 @@ class DensityScore(nn.Module):
         """Scores of new rows, shape (n,)."""
         marginal = self.marginal(x).sum(dim=1)
         neighbour = self._neighbour(self.embed(code, sq_error))
-        scale = self.term_scale.to(marginal.dtype)
-        return marginal / scale[0] + neighbour / scale[1]
+        return marginal + neighbour / self.term_scale[2].to(marginal.dtype)
 
     def contributions(
         self, x: torch.Tensor, code: torch.Tensor, sq_error: torch.Tensor
     ) -> torch.Tensor:
         """Per-feature parts of the score, shape (n, n_features); the row mean
         equals :meth:`forward`."""
-        scale = self.term_scale.to(x.dtype)
         marginal = torch.zeros_like(x)
-        marginal[:, self.marginal_columns] = self.marginal(x) / scale[0]
-        neighbour = self._neighbour(self.embed(code, sq_error)) / scale[1]
+        marginal[:, self.marginal_columns] = self.marginal(x)
+        neighbour = self._neighbour(self.embed(code, sq_error))
+        neighbour = neighbour / self.term_scale[2].to(x.dtype)
         share = sq_error / self.error_scale
         total = share.sum(dim=1, keepdim=True)
         share = torch.where(

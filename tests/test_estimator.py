@@ -479,3 +479,14 @@ def test_format_1_files_load_as_the_reconstruction_score(tmp_path: Path) -> None
     loaded = AutoencoderReducer.load(path)
     assert loaded.score_method == "reconstruction" and loaded.scorer_ is None
     np.testing.assert_array_equal(loaded.decision_function(X), est.decision_function(X))
+
+
+def test_density_contributions_name_the_column_with_the_extreme_value() -> None:
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(2000, 6))
+    X[:, 5] = rng.integers(0, 4, size=2000)  # a discrete column the code may skip
+    est = _small(latent_dim=2).fit(X)
+    row = X[:1].copy()
+    row[0, 5] = 40.0
+    assert est.decision_function(row)[0] > est.threshold_
+    assert est.score_contributions(row)[0].argmax() == 5

@@ -35,8 +35,9 @@ from sklearn.utils.validation import (
 )
 
 from models.atomic import atomic_write_bytes as _atomic_write
+from models.columns import latent_name
 from models.density import DensityScore, marginal_columns
-from models.family import contamination_threshold
+from models.family import contamination_threshold, is_anomaly
 from models.networks import ACTIVATIONS, AutoencoderNetwork
 from models.objectives import OBJECTIVES
 
@@ -395,7 +396,9 @@ default="relu"
         self.threshold_ = contamination_threshold(
             self.decision_scores_, self.contamination
         )
-        self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
+        self.labels_ = is_anomaly(self.decision_scores_, self.threshold_).astype(
+            np.int64
+        )
         return self
 
     def _checked_hidden(self) -> tuple[int, ...]:
@@ -647,7 +650,7 @@ default="relu"
         check_is_fitted(self)
         _check_feature_names_in(self, input_features)
         return np.asarray(
-            [f"latent_{i}" for i in range(self.network_.latent_dim)], dtype=object
+            [latent_name(i) for i in range(self.network_.latent_dim)], dtype=object
         )
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -683,7 +686,7 @@ default="relu"
         labels : ndarray of shape (n_samples,)
             0/1 integers (PyOD convention, not scikit-learn's -1/1).
         """
-        return (self.decision_function(X) > self.threshold_).astype(np.int64)
+        return is_anomaly(self.decision_function(X), self.threshold_).astype(np.int64)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Negative mean reconstruction error (higher is better).
@@ -1050,9 +1053,9 @@ default="relu"
         for key, value in scalars.items():
             setattr(estimator, key, value)
         estimator.decision_scores_ = scores.to(torch.float64).numpy()
-        estimator.labels_ = (estimator.decision_scores_ > estimator.threshold_).astype(
-            np.int64
-        )
+        estimator.labels_ = is_anomaly(
+            estimator.decision_scores_, estimator.threshold_
+        ).astype(np.int64)
         return estimator
 
 

@@ -3,8 +3,8 @@
 Prefect renders it as a form in the UI, one group per section (data, model,
 policy, execution; descriptions become help text, bounds and enums become
 validation), the CLI builds it from flags and a YAML/TOML file (flat or
-sectioned), and deployments set its defaults. Nothing below ``flows/`` imports it: tasks
-take explicit arguments.
+sectioned), and deployments set its defaults. Nothing below ``flows/`` imports
+it: tasks take explicit arguments.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _kind_schema(schema: dict[str, Any]) -> None:
 
 # The form is grouped: Prefect renders each section as a group, in this order,
 # and each section's common fields come first. Files, flags and API callers
-# may still give every field flat (``latent_dim: 4``); see ``_lift_flat``.
+# may still give every field flat (``latent_dim: 4``); see ``lift_flat``.
 _SECTION_CONFIG = ConfigDict(
     extra="forbid",
     validate_assignment=True,
@@ -251,7 +251,7 @@ class PolicySection(BaseModel):
 
 
 class ExecutionSection(BaseModel):
-    """Where and how the run executes; the outputs do not depend on it."""
+    """Where and how the run executes."""
 
     model_config = _SECTION_CONFIG
 
@@ -400,7 +400,7 @@ class PipelineConfig(BaseModel):
     )
 
     data: DataSection = Field(
-        title="Data", description="Input, output and column roles"
+        title="Data", description="Input (required), output and column roles"
     )
     model: ModelSection = Field(
         default_factory=ModelSection,
@@ -415,8 +415,7 @@ class PipelineConfig(BaseModel):
     execution: ExecutionSection = Field(
         default_factory=ExecutionSection,
         title="Execution",
-        description="Runner, device, batch sizes, lock wait (not part of the"
-        " config hash except device and batch rows)",
+        description="Runner, Dask cluster, device, scoring batch size, lock wait",
     )
 
     @model_validator(mode="before")

@@ -1,7 +1,9 @@
 """The nightly reduce-dataset flow: ingest, decide, (train, register), score, publish.
 
-Only wiring lives here: every step is a task over a plain function in
-``tasks/``, and steps pass paths and small typed results, not DataFrames.
+Only wiring lives here. The flow body reads as the run's story; each line is
+a small function below that calls one or two tasks over plain functions in
+``tasks/``. Steps pass paths and small typed results (``RunTarget``,
+``IngestRoles``, ``ChosenModel``, ``Provenance``), not DataFrames.
 
 With ``runner`` threads or dask, ingest (of several files) and scoring fan out
 as the subflows ``latentflow-ingest`` and ``latentflow-score``, whose task

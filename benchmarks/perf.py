@@ -322,10 +322,10 @@ def step_score(
     ``batch_rows`` defaults to the pipeline's (``PipelineConfig.score_batch_rows``).
     """
     from flows.config import PipelineConfig
-    from tasks.score import score_partition
+    from tasks.score import Provenance, score_partition
 
     if batch_rows is None:
-        batch_rows = PipelineConfig(input="bench.csv").score_batch_rows
+        batch_rows = PipelineConfig(input="bench.csv").execution.score_batch_rows
 
     with Measure() as m:
         res = score_partition(
@@ -334,10 +334,7 @@ def step_score(
             Path(data_dir),
             DATASET,
             RUN_DATE,
-            model_name=f"{DATASET}-autoencoder",
-            model_version=1,
-            mlflow_run_id="bench",
-            config_hash="bench",
+            Provenance(f"{DATASET}-autoencoder", 1, "bench", "bench"),
             batch_rows=batch_rows,
         )
     return m.result(

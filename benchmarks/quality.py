@@ -911,7 +911,7 @@ def run(
     """
     settings = settings or Settings()
     cfg = pipeline_defaults()
-    seed = cfg.random_state
+    seed = cfg.model.random_state
     t_start = time.perf_counter()
     env = environment()
 
@@ -922,7 +922,7 @@ def run(
         + ("n/a" if load is None else " ".join(f"{v:.2f}" for v in load))
     )
     echo(f"loading {csv} (ingest with the weatherAUS preset, preprocess, 80/20)")
-    split, facts, table, schema = load_weatheraus(csv, seed, cfg.holdout_fraction)
+    split, facts, table, schema = load_weatheraus(csv, seed, cfg.model.holdout_fraction)
     echo(
         f"  {facts['rows_accepted']} rows accepted, {facts['n_train']} x "
         f"{facts['n_features']} train matrix"

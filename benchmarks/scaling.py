@@ -87,6 +87,7 @@ def _score_once(
 
     from benchmarks.perf import DATASET, RUN_DATE
     from flows.nightly import score_partitioned
+    from tasks.score import Provenance
 
     address = client.scheduler.address
     t0 = time.perf_counter()
@@ -99,11 +100,8 @@ def _score_once(
             out,
             DATASET,
             RUN_DATE,
+            Provenance(f"{DATASET}-autoencoder", 1, "bench", "bench"),
             tag="bench",
-            model_name=f"{DATASET}-autoencoder",
-            model_version=1,
-            mlflow_run_id="bench",
-            config_hash="bench",
             batch_rows=65536,
             unit_rows=unit_rows,
         )
@@ -179,7 +177,7 @@ def bench_dask_scaling(
     from benchmarks.perf import DATASET, RUN_DATE
     from flows.runners import worker_environment
     from tasks.partitions import DEFAULT_UNIT_ROWS, partition_files, unit_size
-    from tasks.score import score_partition
+    from tasks.score import Provenance, score_partition
 
     unit_rows = unit_rows or DEFAULT_UNIT_ROWS
     scratch = Path(scratch).resolve()
@@ -230,10 +228,7 @@ def bench_dask_scaling(
         scratch / f"out-{rows}-sequential",
         DATASET,
         RUN_DATE,
-        model_name=f"{DATASET}-autoencoder",
-        model_version=1,
-        mlflow_run_id="bench",
-        config_hash="bench",
+        Provenance(f"{DATASET}-autoencoder", 1, "bench", "bench"),
     )
     seconds = time.perf_counter() - t0
     out["sequential"] = {

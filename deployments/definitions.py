@@ -139,13 +139,16 @@ def one_at_a_time() -> ConcurrencyLimitConfig:
 def nightly_parameters(
     data_dir: Path | str | None = None, input_path: Path | str | None = None
 ) -> dict[str, Any]:
-    """Default parameters of ``weatheraus-nightly`` (JSON, as the API stores them)."""
+    """Default parameters of ``weatheraus-nightly`` (JSON, as the API stores them),
+    in the config's sections, so the UI form shows them in their groups."""
     return {
         "config": {
-            "input": str(input_path or default_weatheraus_csv()),
-            "data_dir": str(data_dir or default_data_dir()),
-            "dataset": "weatheraus",
-            "lock_wait_seconds": NIGHTLY_LOCK_WAIT_SECONDS,
+            "data": {
+                "input": str(input_path or default_weatheraus_csv()),
+                "data_dir": str(data_dir or default_data_dir()),
+                "dataset": "weatheraus",
+            },
+            "execution": {"lock_wait_seconds": NIGHTLY_LOCK_WAIT_SECONDS},
         }
     }
 
@@ -158,11 +161,11 @@ def on_demand_parameters(
     ``input`` is left out unless given (or ``LATENTFLOW_ON_DEMAND_INPUT`` is set):
     the UI then asks for it, and an API call without it is refused.
     """
-    config: dict[str, Any] = {"data_dir": str(data_dir or default_data_dir())}
+    data: dict[str, Any] = {"data_dir": str(data_dir or default_data_dir())}
     chosen = input_path or os.environ.get("LATENTFLOW_ON_DEMAND_INPUT")
     if chosen:
-        config["input"] = str(Path(chosen).expanduser().resolve())
-    return {"config": config}
+        data["input"] = str(Path(chosen).expanduser().resolve())
+    return {"config": {"data": data}}
 
 
 def build_deployments(
@@ -205,8 +208,8 @@ def build_deployments(
         name=ON_DEMAND,
         parameters=on_demand_parameters(data_dir, on_demand_input),
         description=(
-            "Run latentflow once on any dataset: set config.input (file, directory"
-            " or glob) and any PipelineConfig field."
+            "Run latentflow once on any dataset: set the input (file, directory"
+            " or glob) under Data, and any other setting in its group."
         ),
         tags=[*TAGS, "on-demand"],
         **common,

@@ -67,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --runner dask: start a local cluster of N worker processes",
     )
-    run.add_argument("--config", help="YAML or TOML file with PipelineConfig fields")
+    run.add_argument(
+        "--config",
+        help="YAML or TOML file with PipelineConfig fields, flat or in sections",
+    )
 
     demo = sub.add_parser("demo", help="run on generated weatherAUS-shaped data")
     demo.add_argument("--data-dir", default=".demo", help="output root (default .demo)")
@@ -147,7 +150,7 @@ def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str
     cfg = build_config(config_file, overrides)
     # The options first, then the input: both in well under a second, before
     # Prefect or MLflow is imported and before anything is created on disk.
-    check_sources(cfg.input)
+    check_sources(cfg.data.input)
     # The flow imports torch and MLflow (seconds): only once the run is valid.
     from flows.nightly import nightly
     from flows.runtime_checks import check_prefect_database, check_runtime
@@ -217,13 +220,14 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def _data_dir(args: argparse.Namespace) -> Path:
     """The run's data dir as the user gave it (for naming paths in errors)."""
-    from flows.config import DEFAULT_DATA_DIR, load_config_file
+    from flows.config import DEFAULT_DATA_DIR, lift_flat, load_config_file
 
     given = args.data_dir
     if not given and getattr(args, "config", None):
         try:
-            given = load_config_file(args.config).get("data_dir")
-        except LatentflowError:
+            data = lift_flat(load_config_file(args.config)).get("data")
+            given = data.get("data_dir") if isinstance(data, dict) else None
+        except (LatentflowError, ValueError):
             given = None
     given = given or os.environ.get("LATENTFLOW_DATA_DIR", DEFAULT_DATA_DIR)
     return Path(str(given)).expanduser().resolve()

@@ -1,9 +1,10 @@
 """The flow's one parameter: a validated pydantic model.
 
-Prefect renders it as a form in the UI (descriptions become help text, bounds
-and enums become validation), the CLI builds it from flags and a YAML/TOML file,
-and deployments set its defaults. Nothing below ``flows/`` imports it: tasks
-take explicit arguments.
+Prefect renders it as a form in the UI, one group per section (data, model,
+policy, execution; descriptions become help text, bounds and enums become
+validation), the CLI builds it from flags and a YAML/TOML file (flat or
+sectioned), and deployments set its defaults. Nothing below ``flows/`` imports
+it: tasks take explicit arguments.
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ from models.families import DEFAULT_FAMILY, family_names, get_family
 from models.families import model_params as family_params
 from tasks.errors import ConfigError
 from tasks.presets import WEATHERAUS_RULES
+from tasks.roles import IngestRoles
 from tasks.storage import dataset_from_path, validate_dataset_name
 
 Device = Literal["auto", "cpu", "cuda"]
 Runner = Literal["sequential", "threads", "dask"]
 
-#: Fields that say how a run is executed, not what it computes: they are left
-#: out of the config hash, so changing them never looks like a new model.
-EXECUTION_FIELDS = frozenset(
+#: Fields that say when or how a run is executed, not what it computes: they are
+#: left out of the config hash, so changing them never looks like a new model.
+#: (Not the same as the form's execution section: device and score_batch_rows
+#: are there but were always hashed, and hashes must not change.)
+UNHASHED_FIELDS = frozenset(
     {
         "run_date",
         "retrain",
@@ -74,18 +78,24 @@ def _kind_schema(schema: dict[str, Any]) -> None:
     schema["description"] = "Model family: " + ", ".join(names)
 
 
-class PipelineConfig(BaseModel):
-    """Settings for one run of the latentflow pipeline."""
+# The form is grouped: Prefect renders each section as a group, in this order,
+# and each section's common fields come first. Files, flags and API callers
+# may still give every field flat (``latent_dim: 4``); see ``lift_flat``.
+_SECTION_CONFIG = ConfigDict(
+    extra="forbid",
+    validate_assignment=True,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+)
+
+
+class DataSection(BaseModel):
+    """What to read, where to write, and which columns play which role."""
 
     # ``keys`` is an alias: a field named ``keys`` would shadow the mapping protocol
     # that dict(model) (and Prefect's parameter resolution) relies on.
-    model_config = ConfigDict(
-        extra="forbid",
-        validate_assignment=True,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-    )
+    model_config = _SECTION_CONFIG
 
     input: str = Field(
         description="CSV (optionally .gz) or Parquet file, a directory of them, or a"
@@ -106,23 +116,59 @@ class PipelineConfig(BaseModel):
         pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
     )
     run_date: date | None = Field(None, description="Partition date; default today")
-    retrain: bool = Field(
-        False, description="Train a new model even if one is reusable"
+    key_columns: list[str] | None = Field(
+        None, alias="keys", description="Key columns (default: preset, else inferred)"
+    )
+    label: str | None = Field(
+        None, description="Label column kept for evaluation, never a feature"
+    )
+    features: list[str] | None = Field(
+        None, description="Feature columns (default: all non-key, non-label columns)"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Columns never used as features"
+    )
+    rules: list[str] | None = Field(
+        None, description="Domain rules, e.g. 'MinTemp <= MaxTemp' (default: preset)"
+    )
+    preset: Literal["auto", "none", "weatheraus"] = Field(
+        "auto", description="Dataset defaults; auto picks one by dataset name"
     )
 
-    # model
+    @field_validator("data_dir")
+    @classmethod
+    def _local_data_dir(cls, v: str) -> str:
+        # Partition swaps (renameat2) and dataset locks (flock) need a POSIX
+        # filesystem; an object store has neither, so a URL is refused rather
+        # than written as a local directory named "s3:".
+        if "://" in v:
+            raise ValueError(
+                "object-store URLs are not supported; use a path on a filesystem"
+                " every worker mounts (local disk, NFS, a mounted bucket)"
+            )
+        return v
+
+
+class ModelSection(BaseModel):
+    """The model family, its shape and its training."""
+
+    model_config = _SECTION_CONFIG
+
     kind: str = Field(
         DEFAULT_FAMILY,
         description="Model family (a registered name)",
         json_schema_extra=_kind_schema,
     )
     latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
-    hidden: tuple[int, ...] = Field(
-        (128, 64), description="Encoder hidden layer widths (decoder mirrors them)"
-    )
     # Defaults measured on weatherAUS (2 CPU cores): ~45 s of training, holdout MSE
     # about 0.55x PCA(8); see benchmarks/quality.py.
     epochs: int = Field(80, ge=1, le=1000, description="Most training epochs")
+    contamination: float = Field(
+        0.01, gt=0, le=0.5, description="Expected share of anomalies; sets threshold"
+    )
+    hidden: tuple[int, ...] = Field(
+        (128, 64), description="Encoder hidden layer widths (decoder mirrors them)"
+    )
     batch_size: int = Field(
         1024, ge=8, le=65536, description="Training mini-batch size"
     )
@@ -140,38 +186,52 @@ class PipelineConfig(BaseModel):
         1e-4, ge=0, description="Contractive: Jacobian penalty weight"
     )
     beta: float = Field(1.0, ge=0, description="VAE: weight of the KL term")
-    contamination: float = Field(
-        0.01, gt=0, le=0.5, description="Expected share of anomalies; sets threshold"
-    )
-    device: Device = Field("auto", description="auto uses CUDA when available")
     random_state: int = Field(42, ge=0, description="Seed: same seed, same model")
     n_clusters: int | None = Field(
         None, ge=2, le=256, description="Add a KMeans cluster column on the latent"
     )
-
-    # data roles
-    key_columns: list[str] | None = Field(
-        None, alias="keys", description="Key columns (default: preset, else inferred)"
+    max_train_rows: int = Field(
+        2_000_000, ge=100, description="Seeded uniform sample cap for training"
     )
-    features: list[str] | None = Field(
-        None, description="Feature columns (default: all non-key, non-label columns)"
-    )
-    exclude: list[str] = Field(
-        default_factory=list, description="Columns never used as features"
-    )
-    label: str | None = Field(
-        None, description="Label column kept for evaluation, never a feature"
-    )
-    rules: list[str] | None = Field(
-        None, description="Domain rules, e.g. 'MinTemp <= MaxTemp' (default: preset)"
-    )
-    preset: Literal["auto", "none", "weatheraus"] = Field(
-        "auto", description="Dataset defaults; auto picks one by dataset name"
+    holdout_fraction: float = Field(
+        0.2, gt=0, le=0.5, description="Held-out share for val MSE vs PCA"
     )
 
-    # operations
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v: str) -> str:
+        names = family_names()
+        if v not in names:
+            raise ValueError(
+                f"unknown model family {v!r}; registered: {', '.join(names)}"
+            )
+        return v
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(h < 1 or h > 8192 for h in v):
+            raise ValueError("hidden widths must be 1..8192, at least one layer")
+        return v
+
+
+class PolicySection(BaseModel):
+    """When to train, reuse or promote, and how many bad rows a run tolerates."""
+
+    model_config = _SECTION_CONFIG
+
+    retrain: bool = Field(
+        False, description="Train a new model even if one is reusable"
+    )
     max_model_age_days: int = Field(
         7, ge=0, le=3650, description="Older champions are retrained"
+    )
+    min_improvement: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="A challenger replaces the champion only if its holdout MSE is"
+        " lower by at least this share",
     )
     drift_psi_threshold: float = Field(
         0.2, gt=0, le=10, description="A feature drifts when its PSI exceeds this"
@@ -186,30 +246,16 @@ class PipelineConfig(BaseModel):
         description="Retrain when the median reconstruction error on new data"
         " exceeds the training median by this factor",
     )
-    min_improvement: float = Field(
-        0.02,
-        ge=0,
-        lt=1,
-        description="A challenger replaces the champion only if its holdout MSE is"
-        " lower by at least this share",
-    )
     max_reject_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the run if more rows are rejected"
     )
-    max_train_rows: int = Field(
-        2_000_000, ge=100, description="Seeded uniform sample cap for training"
-    )
-    holdout_fraction: float = Field(
-        0.2, gt=0, le=0.5, description="Held-out share for val MSE vs PCA"
-    )
-    score_batch_rows: int = Field(
-        65536, ge=1024, le=4_194_304, description="Rows per scoring batch"
-    )
-    lock_wait_seconds: float = Field(
-        0.0, ge=0, le=86400, description="Wait this long for another run's lock"
-    )
 
-    # execution (not part of the config hash: the outputs do not depend on it)
+
+class ExecutionSection(BaseModel):
+    """Where and how the run executes."""
+
+    model_config = _SECTION_CONFIG
+
     runner: Runner = Field(
         "sequential",
         description="How ingest and scoring run: sequential (in the flow's"
@@ -230,22 +276,16 @@ class PipelineConfig(BaseModel):
         description="runner dask: start a local cluster of this many worker"
         " processes (1 thread each) for the run; default: one per CPU core",
     )
-
-    @field_validator("data_dir")
-    @classmethod
-    def _local_data_dir(cls, v: str) -> str:
-        # Partition swaps (renameat2) and dataset locks (flock) need a POSIX
-        # filesystem; an object store has neither, so a URL is refused rather
-        # than written as a local directory named "s3:".
-        if "://" in v:
-            raise ValueError(
-                "object-store URLs are not supported; use a path on a filesystem"
-                " every worker mounts (local disk, NFS, a mounted bucket)"
-            )
-        return v
+    device: Device = Field("auto", description="auto uses CUDA when available")
+    score_batch_rows: int = Field(
+        65536, ge=1024, le=4_194_304, description="Rows per scoring batch"
+    )
+    lock_wait_seconds: float = Field(
+        0.0, ge=0, le=86400, description="Wait this long for another run's lock"
+    )
 
     @model_validator(mode="after")
-    def _runner_options(self) -> PipelineConfig:
+    def _runner_options(self) -> ExecutionSection:
         given = [
             n for n in ("dask_address", "dask_workers") if getattr(self, n) is not None
         ]
@@ -262,62 +302,196 @@ class PipelineConfig(BaseModel):
             )
         return self
 
-    @field_validator("kind")
-    @classmethod
-    def _registered_kind(cls, v: str) -> str:
-        names = family_names()
-        if v not in names:
-            raise ValueError(
-                f"unknown model family {v!r}; registered: {', '.join(names)}"
-            )
-        return v
 
-    @field_validator("hidden")
+SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataSection,
+    "model": ModelSection,
+    "policy": PolicySection,
+    "execution": ExecutionSection,
+}
+
+
+def _flat_names() -> dict[str, str]:
+    """Every flat name a user may give (field names and aliases) -> its section."""
+    names: dict[str, str] = {}
+    for section, model in SECTIONS.items():
+        for name, info in model.model_fields.items():
+            names[name] = section
+            if info.alias:
+                names[info.alias] = section
+    return names
+
+
+def lift_flat(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping in the sectioned shape, whether given flat, sectioned or
+    mixed: ``{"latent_dim": 4}`` becomes ``{"model": {"latent_dim": 4}}``.
+
+    Unknown keys stay at the top, where validation names them. A field given
+    both flat and in its section with different values is refused.
+    """
+    where = _flat_names()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            given = (
+                value.model_dump(by_alias=True)
+                if isinstance(value, BaseModel)
+                else value
+            )
+            if not isinstance(given, Mapping):
+                out[key] = value  # validation says what was expected
+                continue
+            section = out.setdefault(key, {})
+            for name, v in given.items():
+                _put(section, key, name, v)
+        elif key in where:
+            section = out.setdefault(where[key], {})
+            if not isinstance(section, dict):
+                continue  # the section itself is malformed; validation reports it
+            _put(section, where[key], key, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _put(section: dict[str, Any], name: str, key: str, value: Any) -> None:
+    if key in section and section[key] != value:
+        raise ValueError(f"{key} is given twice, flat and in {name}, with two values")
+    section[key] = value
+
+
+def merge_configs(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top``'s fields over ``base``'s, section by section (either shape)."""
+    merged = lift_flat(base)
+    for key, value in lift_flat(top).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _form_schema(schema: dict[str, Any]) -> None:
+    """The form shows the sections; the API still takes flat fields.
+
+    Prefect validates a deployment's parameters against this schema before it
+    creates a run, so the flat names are allowed as ``patternProperties`` (the
+    UI form draws only ``properties``) with their own checks, and ``input`` is
+    required flat unless a ``data`` section is given.
+    """
+    flat: dict[str, Any] = {}
+    for model in SECTIONS.values():
+        section_schema = model.model_json_schema(by_alias=True)
+        for name, field_schema in section_schema["properties"].items():
+            flat[f"^{name}$"] = field_schema
+    schema["patternProperties"] = flat
+    schema.pop("required", None)
+    schema["if"] = {"required": ["data"]}
+    schema["else"] = {"required": ["input"]}
+
+
+class PipelineConfig(BaseModel):
+    """Settings for one run of the latentflow pipeline."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        serialize_by_alias=True,
+        json_schema_extra=_form_schema,
+    )
+
+    data: DataSection = Field(
+        title="Data", description="Input (required), output and column roles"
+    )
+    model: ModelSection = Field(
+        default_factory=ModelSection,
+        title="Model",
+        description="Model family, shape and training",
+    )
+    policy: PolicySection = Field(
+        default_factory=PolicySection,
+        title="Policy",
+        description="Train or reuse, promotion, drift and reject limits",
+    )
+    execution: ExecutionSection = Field(
+        default_factory=ExecutionSection,
+        title="Execution",
+        description="Runner, Dask cluster, device, scoring batch size, lock wait",
+    )
+
+    @model_validator(mode="before")
     @classmethod
-    def _hidden_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(h < 1 or h > 8192 for h in v):
-            raise ValueError("hidden widths must be 1..8192, at least one layer")
-        return v
+    def _accept_flat(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        lifted = lift_flat(data)
+        # A missing input is reported as input, not as a missing section.
+        lifted.setdefault("data", {})
+        return lifted
 
     # -- derived values -------------------------------------------------------
     def resolved(self) -> PipelineConfig:
         """Fill defaults that depend on other fields: dataset, run date, preset."""
+        data = self.data
         updates: dict[str, Any] = {}
-        dataset = self.dataset or dataset_from_path(self.input.split("*")[0] or "data")
+        dataset = data.dataset or dataset_from_path(data.input.split("*")[0] or "data")
         validate_dataset_name(dataset)
         updates["dataset"] = dataset
-        updates["run_date"] = self.run_date or date.today()
-        preset_name = dataset if self.preset == "auto" else self.preset
-        preset = PRESETS.get(preset_name, {}) if self.preset != "none" else {}
+        updates["run_date"] = data.run_date or date.today()
+        preset_name = dataset if data.preset == "auto" else data.preset
+        preset = PRESETS.get(preset_name, {}) if data.preset != "none" else {}
         for field_name, key in (
             ("key_columns", "keys"),
             ("label", "label"),
             ("rules", "rules"),
         ):
-            if getattr(self, field_name) is None and key in preset:
+            if getattr(data, field_name) is None and key in preset:
                 updates[field_name] = preset[key]
-        return self.model_copy(update=updates)
+        return self.model_copy(update={"data": data.model_copy(update=updates)})
 
     @property
     def model_name(self) -> str:
-        return f"{self.dataset}-autoencoder"
+        return f"{self.data.dataset}-autoencoder"
+
+    def ingest_roles(self) -> IngestRoles:
+        """The data section's column roles, as ingest takes them."""
+        data = self.data
+        return IngestRoles(
+            keys=data.key_columns,
+            features=data.features,
+            exclude=list(data.exclude),
+            label=data.label,
+            rules=list(data.rules or []),
+        )
+
+    def flat(self, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """Every field by its flat name (``keys`` for the key columns)."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(getattr(self, name).model_dump(mode=mode, by_alias=True))
+        return out
 
     def estimator_params(self) -> dict[str, Any]:
         """Settings for the model family ``kind``: those of its ``settings``
         (see :mod:`models.families`) that are fields here, plus ``kind``."""
-        settings = get_family(self.kind).settings
-        fields = type(self).model_fields
-        params = {n: getattr(self, n) for n in settings if n in fields}
-        params["kind"] = self.kind
+        settings = get_family(self.model.kind).settings
+        fields = self.flat()
+        params = {n: fields[n] for n in settings if n in fields}
+        params["kind"] = self.model.kind
         return params
 
     def model_params(self) -> dict[str, Any]:
         """Settings that define a model: a champion with others is not reused."""
-        return family_params(self.estimator_params(), self.n_clusters)
+        return family_params(self.estimator_params(), self.model.n_clusters)
 
     def config_hash(self) -> str:
-        """A short hash of everything that shapes the model and its outputs."""
-        payload = self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+        """A short hash of everything that shapes the model and its outputs.
+
+        Over the flat fields, so grouping them into sections changed no hash.
+        """
+        payload = {
+            k: v for k, v in self.flat("json").items() if k not in UNHASHED_FIELDS
+        }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -350,7 +524,12 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     """One line naming each bad field and what was expected."""
     parts = []
     for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err["loc"])
+        # Field names are unique across sections: name them flat, as users
+        # write them in files and flags (a section's own check names none).
+        loc_parts = err["loc"]
+        if loc_parts and loc_parts[0] in SECTIONS:
+            loc_parts = loc_parts[1:]
+        loc = ".".join(str(x) for x in loc_parts)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -365,12 +544,16 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
 def build_config(file: str | None, overrides: dict[str, Any]) -> PipelineConfig:
     """Merge a config file and explicit overrides into a validated config."""
     data: dict[str, Any] = load_config_file(file) if file else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
     source = file or "command-line options"
     try:
-        return PipelineConfig(**data)
+        merged = merge_configs(
+            data, {k: v for k, v in overrides.items() if v is not None}
+        )
+        return PipelineConfig(**merged)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source)) from None
+    except ValueError as exc:  # the same field twice, flat and in its section
+        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
 
 
 # -- confinement of served runs ---------------------------------------------------
@@ -401,24 +584,25 @@ class Confinement:
         """The input's files; :class:`ConfigError` (one line) if anything is outside."""
         # Inputs first: reading what it should not is the worse leak.
         if self.input_roots is None:
-            files = [Path(p) for p in _list_sources(cfg.input)]
+            files = [Path(p) for p in _list_sources(cfg.data.input)]
         else:
-            files = input_files(cfg.input, self.input_roots)
-        data_dir = Path(cfg.data_dir).expanduser().resolve()
+            files = input_files(cfg.data.input, self.input_roots)
+        data_dir = Path(cfg.data.data_dir).expanduser().resolve()
         if self.data_roots is not None and not _inside(data_dir, self.data_roots):
             raise ConfigError(
-                f"data_dir {cfg.data_dir} (resolved {data_dir}) is outside the data"
-                f" roots {_show(self.data_roots)}; runs here write only under them"
+                f"data_dir {cfg.data.data_dir} (resolved {data_dir}) is outside the"
+                f" data roots {_show(self.data_roots)}; runs here write only under them"
                 f" (set {DATA_ROOTS_ENV} on the host that runs them)"
             )
+        address = cfg.execution.dask_address
         if (
             self.dask_addresses is not None
-            and cfg.dask_address is not None
-            and cfg.dask_address not in self.dask_addresses
+            and address is not None
+            and address not in self.dask_addresses
         ):
             allowed = ", ".join(sorted(self.dask_addresses)) or "none"
             raise ConfigError(
-                f"dask_address {cfg.dask_address} is not one this host allows"
+                f"dask_address {address} is not one this host allows"
                 f" ({allowed}; set {DASK_ADDRESSES_ENV} on the host that runs them)"
             )
         return files

@@ -1,7 +1,9 @@
 """The nightly reduce-dataset flow: ingest, decide, (train, register), score, publish.
 
-Only wiring lives here: every step is a task over a plain function in
-``tasks/``, and steps pass paths and small typed results, not DataFrames.
+Only wiring lives here. The flow body reads as the run's story; each line is
+a small function below that calls one or two tasks over plain functions in
+``tasks/``. Steps pass paths and small typed results (``RunTarget``,
+``IngestRoles``, ``ChosenModel``, ``Provenance``), not DataFrames.
 
 With ``runner`` threads or dask, ingest (of several files) and scoring fan out
 as the subflows ``latentflow-ingest`` and ``latentflow-score``, whose task
@@ -19,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,19 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, confinement
 from flows.runners import RunnerScope, runner_scope
 from flows.runtime_checks import check_runtime
-from models.schema import TableSchema
 from tasks import registry
-from tasks.decide import ChampionInfo, comparable, decide_task, gate
-from tasks.drift import measure_drift_task
-from tasks.errors import SchemaError
+from tasks.decide import (
+    ChampionInfo,
+    ChosenModel,
+    Decision,
+    comparable,
+    decide_task,
+    drift_matters,
+    gate_task,
+    require_champion_columns,
+)
+from tasks.drift import DriftReport, measure_drift_task
+from tasks.errors import ConfigError
 from tasks.ingest import IngestResult, ingest_task
 from tasks.ingest.parts import (
     FileIngest,
@@ -57,13 +67,17 @@ from tasks.partitions import (
     scratch_dir,
 )
 from tasks.registry import (
+    RegisteredVersion,
     find_champion_task,
     promote_task,
     register_task,
     tag_version_task,
 )
 from tasks.report import publish_report, worst_features_task
+from tasks.roles import IngestRoles
+from tasks.run_target import RunTarget
 from tasks.score import (
+    Provenance,
     ScoreResult,
     commit_scores_task,
     plan_score_task,
@@ -78,7 +92,8 @@ from tasks.storage import (
     remove_tree,
     staging_root,
 )
-from tasks.train import train_task
+from tasks.summary import model_card_task, summarize_task
+from tasks.train import TrainResult, train_task
 
 FLOW_NAME = "latentflow-nightly"
 
@@ -88,183 +103,244 @@ def _run_name() -> str:
     if isinstance(cfg, dict):
         cfg = PipelineConfig(**cfg)
     if isinstance(cfg, PipelineConfig):
-        cfg = cfg.resolved()
-        return f"{cfg.dataset}-{cfg.run_date}"
+        data = cfg.resolved().data
+        return f"{data.dataset}-{data.run_date}"
     return "latentflow"
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name, log_prints=False)
 def nightly(config: PipelineConfig) -> dict[str, Any]:
     """Turn a tabular file into latent features, reconstruction errors and flags."""
-    logger = get_run_logger()
     cfg = config.resolved()
-    check_runtime(cfg)  # before any output or lock exists
-    dataset, run_date = cfg.dataset or "", cfg.run_date
-    assert run_date is not None
-    tag = f"{dataset}-{run_date}"
-    # Before anything is read or written: where this run may go, then whose
-    # eyes its outputs are for (never more than its inputs').
-    sources = _allowed_sources(cfg)
-    data_dir = Path(cfg.data_dir).expanduser().resolve()
-    cache_dir = data_dir / ".cache" / "models"
-    # Before anything is written: no path of the run may lead out of the data dir.
-    check_run_paths(data_dir, dataset, run_date)
+    run, sources = preflight(cfg)
+    with run_guards(cfg, run, sources) as (scope, outputs):
+        champion = find_champion(run)
+        ingested = ingest(cfg, run, scope, outputs)
+        drift, decision = decide(cfg, run, ingested, champion)
+        model = train_or_reuse(cfg, run, ingested, champion, decision)
+        scored = score(cfg, run, scope, ingested, model, outputs)
+        ingested = publish(run, ingested, outputs)
+    summary = summarize_task.with_options(task_run_name=f"summarize-{run.tag}")(
+        run, ingested, decision, model, scored, drift
+    )
+    report(run, ingested, scored, model, summary)
+    return summary
 
+
+# -- the steps, in the order the flow runs them ---------------------------------
+
+
+def preflight(cfg: PipelineConfig) -> tuple[RunTarget, list[Path]]:
+    """Before anything is read or written: this machine can run it, where the
+    run may go, and the input's files (whose owners' eyes the outputs are for,
+    never more than the inputs')."""
+    check_runtime(cfg)  # before any output or lock exists
+    data = cfg.data
+    if data.dataset is None or data.run_date is None:
+        raise ConfigError("the run's configuration has no dataset or run date")
+    run = RunTarget(
+        data.dataset,
+        data.run_date,
+        Path(data.data_dir).expanduser().resolve(),
+        cfg.model_name,
+    )
+    sources = _allowed_sources(cfg)
+    # No path of the run may lead out of the data dir.
+    check_run_paths(run.data_dir, run.dataset, run.run_date)
+    return run, sources
+
+
+@contextlib.contextmanager
+def run_guards(
+    cfg: PipelineConfig, run: RunTarget, sources: list[Path]
+) -> Iterator[tuple[RunnerScope, RunOutputs]]:
+    """The run's umask, task runner, dataset lock and staged outputs (discarded
+    if the run fails before its commit); the store is ready inside."""
+    execution = cfg.execution
     with (
         narrowed_umask(sources),
-        runner_scope(cfg.runner, cfg.dask_address, cfg.dask_workers) as scope,
-        DatasetLock(data_dir, dataset, cfg.lock_wait_seconds),
-        RunOutputs(data_dir) as outputs,
+        runner_scope(
+            execution.runner, execution.dask_address, execution.dask_workers
+        ) as scope,
+        DatasetLock(run.data_dir, run.dataset, execution.lock_wait_seconds),
+        RunOutputs(run.data_dir) as outputs,
     ):
         # Finishes a commit a killed run cut short, then drops its leftovers.
-        removed = clean_stale_staging(data_dir, dataset)
+        removed = clean_stale_staging(run.data_dir, run.dataset)
         if removed:
-            logger.info("removed %d staging leftovers of killed runs", removed)
-        registry.configure(data_dir)
-        champion = find_champion_task.with_options(task_run_name=f"champion-{tag}")(
-            cfg.model_name, cache_dir
-        )
-        ingest_args: dict[str, Any] = {
-            "keys": cfg.key_columns,
-            "features": cfg.features,
-            "exclude": cfg.exclude,
-            "label": cfg.label,
-            "rules": cfg.rules or [],
-            "max_reject_fraction": cfg.max_reject_fraction,
-        }
-        # Keyless ids count identical rows across files: one process only.
-        fan_out = scope.parallel and cfg.key_columns != []
-        if fan_out and len(list_sources(cfg.input)) > 1:
-            ing = ingest_partitioned.with_options(task_runner=scope.task_runner())(
-                cfg.input,
-                data_dir,
-                dataset,
-                run_date,
-                tag=tag,
-                publish=False,
-                **ingest_args,
+            get_run_logger().info(
+                "removed %d staging leftovers of killed runs", removed
             )
-        else:
-            ing = ingest_task.with_options(task_run_name=f"ingest-{tag}")(
-                cfg.input, data_dir, dataset, run_date, publish=False, **ingest_args
-            )
-        # Staged until the commit below: training, drift and scoring read it there.
-        outputs.add("ingested", ing.ingested_dir)
-        outputs.add("rejected", ing.rejected_dir)
-        if champion is not None and not cfg.retrain:
-            _require_columns(champion.input_schema, ing.schema, champion.name)
-        now = datetime.now(UTC)
-        decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
-            champion,
-            ing.schema,
-            now,
-            cfg.max_model_age_days,
-            cfg.retrain,
-            params=cfg.model_params(),
-        )
-        drift = None
-        if decision.action == "reuse":
-            assert champion is not None
-            drift = measure_drift_task.with_options(task_run_name=f"drift-{tag}")(
-                Path(ing.ingested_dir),
-                Path(champion.model_dir),
-                psi_threshold=cfg.drift_psi_threshold,
-                seed=cfg.random_state,
-                device=cfg.device,
-            )
-            logger.info("drift: %s", drift.to_dict())
-            decision = decide_task.with_options(task_run_name=f"decide-{tag}")(
-                champion,
-                ing.schema,
-                now,
-                cfg.max_model_age_days,
-                cfg.retrain,
-                drift=drift,
-                max_drifted_features=cfg.max_drifted_features,
-                max_error_ratio=cfg.max_error_ratio,
-                params=cfg.model_params(),
-            )
-        logger.info("decision: %s (%s)", decision.action, decision.reason)
+        registry.configure(run.data_dir)
+        yield scope, outputs
 
-        metrics: dict[str, float] = {}
-        outcome, gate_reason = "reuse", ""
-        if decision.action == "train":
-            result = challenge(cfg, ing, champion, decision.reason, data_dir, tag)
-            metrics, outcome, gate_reason = (
-                result.metrics,
-                result.outcome,
-                result.reason,
-            )
-            version, run_id = result.version, result.run_id
-            if outcome == "keep_champion":
-                assert champion is not None
-                version, run_id = champion.version, champion.run_id
-            bundle = registry.fetch_model(cfg.model_name, version, cache_dir)
-        else:
-            assert champion is not None
-            version, run_id = champion.version, champion.run_id
-            bundle = Path(champion.model_dir)
 
-        scored = _score(
-            scope,
-            Path(ing.ingested_dir),
-            bundle,
-            data_dir,
-            dataset,
-            run_date,
-            tag=tag,
-            model_name=cfg.model_name,
-            model_version=version,
-            mlflow_run_id=run_id,
-            config_hash=cfg.config_hash(),
-            batch_rows=cfg.score_batch_rows,
-            device=cfg.device,
-        )
-        outputs.add("latent", scored.staged_dir)
-        published = commit_run_date_task.with_options(task_run_name=f"commit-{tag}")(
-            data_dir, dataset, run_date, outputs.to_commit()
-        )
-        ing = replace(
-            ing,
-            ingested_dir=published["ingested"],
-            rejected_dir=published["rejected"],
-            published=True,
-        )
+def find_champion(run: RunTarget) -> ChampionInfo | None:
+    """The dataset's current champion (fetched into the model cache), if any."""
+    return find_champion_task.with_options(task_run_name=f"champion-{run.tag}")(
+        run.model_name, run.cache_dir
+    )
 
-    summary: dict[str, Any] = {
-        "dataset": dataset,
-        "run_date": str(run_date),
-        "rows_in": ing.rows_in,
-        "rows_rejected": ing.rows_rejected,
-        "rows_scored": scored.rows_scored,
-        "anomalies": scored.anomalies,
-        "trained": decision.action == "train",
-        "decision": outcome,
-        "reason": decision.reason + (f"; {gate_reason}" if gate_reason else ""),
-        "model_name": cfg.model_name,
-        "model_version": version,
-        "mlflow_run_id": run_id,
-        "output": scored.output_dir,
-    }
-    if drift is not None:
-        summary["drift"] = {
-            "drifted": drift.drifted,
-            "max_psi": max(drift.psi.values(), default=0.0),
-            "error_median_ratio": round(drift.error_median_ratio, 4),
-            "error_p99_ratio": round(drift.error_p99_ratio, 4),
-        }
-    keys = ing.schema.keys
-    top = worst_features_task.with_options(task_run_name=f"explain-{tag}")(
-        Path(ing.ingested_dir),
-        bundle,
+
+def ingest(
+    cfg: PipelineConfig, run: RunTarget, scope: RunnerScope, outputs: RunOutputs
+) -> IngestResult:
+    """Type, check and stage the input: one task, or one task per file."""
+    roles = cfg.ingest_roles()
+    source, limit = cfg.data.input, cfg.policy.max_reject_fraction
+    # Keyless ids count identical rows across files: one process only.
+    if scope.parallel and not roles.keyless and len(list_sources(source)) > 1:
+        ingested = ingest_partitioned.with_options(task_runner=scope.task_runner())(
+            source,
+            run.data_dir,
+            run.dataset,
+            run.run_date,
+            roles,
+            tag=run.tag,
+            max_reject_fraction=limit,
+            publish=False,
+        )
+    else:
+        ingested = ingest_task.with_options(task_run_name=f"ingest-{run.tag}")(
+            source,
+            run.data_dir,
+            run.dataset,
+            run.run_date,
+            max_reject_fraction=limit,
+            publish=False,
+            **roles.as_kwargs(),
+        )
+    # Staged until the run date's commit: training, drift and scoring read it there.
+    outputs.add("ingested", ingested.ingested_dir)
+    outputs.add("rejected", ingested.rejected_dir)
+    return ingested
+
+
+def decide(
+    cfg: PipelineConfig,
+    run: RunTarget,
+    ingested: IngestResult,
+    champion: ChampionInfo | None,
+) -> tuple[DriftReport | None, Decision]:
+    """Train or reuse: drift is measured only when it can change the answer."""
+    policy, params = cfg.policy, cfg.model_params()
+    require_champion_columns(champion, ingested.schema, policy.retrain)
+    now = datetime.now(UTC)
+    drift = None
+    if champion is not None and drift_matters(
+        champion,
+        ingested.schema,
+        now,
+        policy.max_model_age_days,
+        policy.retrain,
+        params,
+    ):
+        drift = measure_drift_task.with_options(task_run_name=f"drift-{run.tag}")(
+            Path(ingested.ingested_dir),
+            Path(champion.model_dir),
+            psi_threshold=policy.drift_psi_threshold,
+            seed=cfg.model.random_state,
+        )
+        get_run_logger().info("drift: %s", drift.to_dict())
+    decision = decide_task.with_options(task_run_name=f"decide-{run.tag}")(
+        champion,
+        ingested.schema,
+        now,
+        policy.max_model_age_days,
+        policy.retrain,
+        drift=drift,
+        max_drifted_features=policy.max_drifted_features,
+        max_error_ratio=policy.max_error_ratio,
+        params=params,
+    )
+    get_run_logger().info("decision: %s (%s)", decision.action, decision.reason)
+    return drift, decision
+
+
+def train_or_reuse(
+    cfg: PipelineConfig,
+    run: RunTarget,
+    ingested: IngestResult,
+    champion: ChampionInfo | None,
+    decision: Decision,
+) -> ChosenModel:
+    """The model that scores the run: the champion, or the challenge's winner."""
+    if decision.action == "reuse" and champion is not None:
+        return ChosenModel.reused(champion)
+    return challenge(cfg, run, ingested, champion, decision.reason)
+
+
+def score(
+    cfg: PipelineConfig,
+    run: RunTarget,
+    scope: RunnerScope,
+    ingested: IngestResult,
+    model: ChosenModel,
+    outputs: RunOutputs,
+) -> ScoreResult:
+    """Stage latent/: one scoring task, or the partitioned subflow on the
+    run's task runner."""
+    provenance = Provenance(
+        run.model_name, model.version, model.run_id, cfg.config_hash()
+    )
+    where = (
+        Path(ingested.ingested_dir),
+        Path(model.bundle_dir),
+        run.data_dir,
+        run.dataset,
+        run.run_date,
+        provenance,
+    )
+    batch_rows = cfg.execution.score_batch_rows
+    if scope.parallel:
+        scored = score_partitioned.with_options(task_runner=scope.task_runner())(
+            *where, tag=run.tag, batch_rows=batch_rows, publish=False
+        )
+    else:
+        scored = score_task.with_options(task_run_name=f"score-{run.tag}")(
+            *where, batch_rows=batch_rows, publish=False
+        )
+    outputs.add("latent", scored.staged_dir)
+    return scored
+
+
+def publish(
+    run: RunTarget, ingested: IngestResult, outputs: RunOutputs
+) -> IngestResult:
+    """Swap the run date's ingested/, rejected/ and latent/ in, in one commit."""
+    published = commit_run_date_task.with_options(task_run_name=f"commit-{run.tag}")(
+        run.data_dir, run.dataset, run.run_date, outputs.to_commit()
+    )
+    return replace(
+        ingested,
+        ingested_dir=published["ingested"],
+        rejected_dir=published["rejected"],
+        published=True,
+    )
+
+
+def report(
+    run: RunTarget,
+    ingested: IngestResult,
+    scored: ScoreResult,
+    model: ChosenModel,
+    summary: dict[str, Any],
+) -> None:
+    """The run's Prefect artifacts: the summary, and the top anomalies explained."""
+    keys = ingested.schema.keys
+    top = worst_features_task.with_options(task_run_name=f"explain-{run.tag}")(
+        Path(ingested.ingested_dir),
+        Path(model.bundle_dir),
         [r["_row_id"] for r in scored.top_anomalies],
         keys,
-        device=cfg.device,
     )
-    publish_report.with_options(task_run_name=f"report-{tag}")(
-        summary, metrics, summary["reason"], top, key=dataset.replace("_", "-")
+    publish_report.with_options(task_run_name=f"report-{run.tag}")(
+        summary,
+        model.metrics,
+        summary["reason"],
+        top,
+        key=run.dataset.replace("_", "-"),
     )
-    return summary
 
 
 def _allowed_sources(cfg: PipelineConfig) -> list[Path]:
@@ -279,35 +355,7 @@ def _allowed_sources(cfg: PipelineConfig) -> list[Path]:
     policy = confinement(deployed=deployed)
     if policy is not None:
         return policy.check(cfg)
-    return [Path(p) for p in list_sources(cfg.input)]
-
-
-def _score(
-    scope: RunnerScope,
-    ingested_dir: Path,
-    bundle: Path,
-    data_dir: Path,
-    dataset: str,
-    run_date: date,
-    *,
-    tag: str,
-    **kwargs: Any,
-) -> ScoreResult:
-    """One scoring task, or the partitioned subflow on the run's task runner."""
-    if not scope.parallel:
-        return score_task.with_options(task_run_name=f"score-{tag}")(
-            ingested_dir, bundle, data_dir, dataset, run_date, publish=False, **kwargs
-        )
-    return score_partitioned.with_options(task_runner=scope.task_runner())(
-        ingested_dir,
-        bundle,
-        data_dir,
-        dataset,
-        run_date,
-        tag=tag,
-        publish=False,
-        **kwargs,
-    )
+    return [Path(p) for p in list_sources(cfg.data.input)]
 
 
 def _gather(futures: Sequence[PrefectFuture[Any]]) -> list[Any]:
@@ -321,6 +369,9 @@ def _gather(futures: Sequence[PrefectFuture[Any]]) -> list[Any]:
     return [f.result() for f in futures]
 
 
+# -- subflows ---------------------------------------------------------------------
+
+
 @flow(name="latentflow-score", flow_run_name="score-{tag}")
 def score_partitioned(
     ingested_dir: Path,
@@ -328,16 +379,12 @@ def score_partitioned(
     data_dir: Path,
     dataset: str,
     run_date: date,
+    provenance: Provenance,
     *,
     tag: str,
-    model_name: str,
-    model_version: int,
-    mlflow_run_id: str,
-    config_hash: str,
     batch_rows: int,
     unit_rows: int = DEFAULT_UNIT_ROWS,
     publish: bool = True,
-    device: str = "cpu",
 ) -> ScoreResult:
     """Score the partition's row-group units in parallel; commit them as one.
 
@@ -347,28 +394,14 @@ def score_partitioned(
     for the run date's commit.
     """
     plan = plan_score_task.with_options(task_run_name=f"plan-score-{tag}")(
-        ingested_dir,
-        bundle,
-        dataset,
-        run_date,
-        model_name=model_name,
-        model_version=model_version,
-        mlflow_run_id=mlflow_run_id,
-        config_hash=config_hash,
-        unit_rows=unit_rows,
-        device=device,
+        ingested_dir, bundle, dataset, run_date, provenance, unit_rows=unit_rows
     )
     get_run_logger().info("scoring %d rows in %d units", plan.rows, len(plan.units))
     staged = open_staged(data_dir, "latent", dataset, run_date)
     try:
         futures = [
             score_unit_task.submit(
-                unit,
-                plan.layout,
-                bundle,
-                staged.path,
-                batch_rows=batch_rows,
-                device=device,
+                unit, plan.layout, bundle, staged.path, batch_rows=batch_rows
             )
             for unit in plan.units
         ]
@@ -386,13 +419,9 @@ def ingest_partitioned(
     data_dir: Path,
     dataset: str,
     run_date: date,
+    roles: IngestRoles,
     *,
     tag: str,
-    keys: list[str] | None,
-    features: list[str] | None,
-    exclude: list[str],
-    label: str | None,
-    rules: list[str],
     max_reject_fraction: float,
     publish: bool = True,
 ) -> IngestResult:
@@ -404,13 +433,7 @@ def ingest_partitioned(
     """
     scratch = scratch_dir(data_dir, "ingest-parts", dataset, run_date)
     try:
-        per_file = {
-            "keys": keys,
-            "features": features,
-            "exclude": exclude,
-            "label": label,
-            "rules": rules,
-        }
+        per_file = roles.as_kwargs()
         files = list_sources(source)
         parts: list[FileIngest] = _gather(
             [
@@ -458,166 +481,108 @@ def ingest_partitioned(
             data_dir,
             dataset,
             run_date,
-            keys=keys,
-            features=features,
-            exclude=exclude,
-            label=label,
-            rules=rules,
             max_reject_fraction=max_reject_fraction,
             publish=publish,
+            **roles.as_kwargs(),
         )
     return result
 
 
-@dataclass
-class Challenge:
-    outcome: str  # "promote" or "keep_champion"
-    reason: str
-    version: int
-    run_id: str
-    metrics: dict[str, float]
-
-
-@flow(name="latentflow-challenge", flow_run_name="challenge-{tag}")
+@flow(name="latentflow-challenge", flow_run_name="challenge-{run.tag}")
 def challenge(
     cfg: PipelineConfig,
-    ing: Any,
+    run: RunTarget,
+    ingested: IngestResult,
     champion: ChampionInfo | None,
     reason: str,
-    data_dir: Path,
-    tag: str,
-) -> Challenge:
+) -> ChosenModel:
     """Train a challenger, register it, and promote it only if it beats the
     champion on the same holdout of the new data."""
-    cache_dir = data_dir / ".cache" / "models"
-    # The directory's name becomes the artifact's name in MLflow.
-    stage = staging_root(data_dir) / f"model.{cfg.dataset}.{uuid.uuid4().hex[:12]}"
-    bundle_dir = stage / registry.BUNDLE_ARTIFACT
-    try:
-        trained = train_task.with_options(task_run_name=f"train-{tag}")(
-            ingested_dir=Path(ing.ingested_dir),
-            schema=ing.schema,
-            bundle_dir=bundle_dir,
-            dataset=cfg.dataset,
-            estimator_params=cfg.estimator_params(),
-            label=cfg.label,
-            max_train_rows=cfg.max_train_rows,
-            holdout_fraction=cfg.holdout_fraction,
-            n_clusters=cfg.n_clusters,
-            plots_dir=stage / "plots",
-            champion_dir=(
-                Path(champion.model_dir)
-                if champion and comparable(champion, ing.schema, cfg.model_params())
-                else None
-            ),
+    trained, registered = train_and_register(cfg, run, ingested, champion, reason)
+    verdict = gate_task.with_options(task_run_name=f"gate-{run.tag}")(
+        trained.metrics["val_mse"],
+        trained.metrics.get("champion_holdout_mse"),
+        cfg.policy.min_improvement,
+    )
+    tags = verdict.tags(champion)
+    tag_version_task.with_options(task_run_name=f"tag-{run.tag}")(
+        registered.name, registered.version, registered.run_id, tags
+    )
+    if verdict.promote:
+        promote_task.with_options(task_run_name=f"promote-{run.tag}")(
+            registered.name, registered.version, run.cache_dir
         )
-        reg = register_task.with_options(task_run_name=f"register-{tag}")(
+    get_run_logger().info("challenger v%s: %s", registered.version, tags)
+    # A challenger that lost leaves the champion scoring the run.
+    kept = None if verdict.promote else champion
+    version = kept.version if kept else registered.version
+    return ChosenModel(
+        version=version,
+        run_id=kept.run_id if kept else registered.run_id,
+        bundle_dir=str(registry.fetch_model(run.model_name, version, run.cache_dir)),
+        outcome="promote" if verdict.promote else "keep_champion",
+        gate_reason=verdict.reason,
+        metrics=trained.metrics,
+    )
+
+
+def train_and_register(
+    cfg: PipelineConfig,
+    run: RunTarget,
+    ingested: IngestResult,
+    champion: ChampionInfo | None,
+    reason: str,
+) -> tuple[TrainResult, RegisteredVersion]:
+    """Train on the staged partition and register the bundle with its card."""
+    model, params = cfg.model, cfg.estimator_params()
+    # The directory's name becomes the artifact's name in MLflow.
+    stage = staging_root(run.data_dir) / f"model.{run.dataset}.{uuid.uuid4().hex[:12]}"
+    bundle_dir = stage / registry.BUNDLE_ARTIFACT
+    fair = champion is not None and comparable(
+        champion, ingested.schema, cfg.model_params()
+    )
+    try:
+        trained = train_task.with_options(task_run_name=f"train-{run.tag}")(
+            Path(ingested.ingested_dir),
+            ingested.schema,
+            bundle_dir,
+            dataset=run.dataset,
+            estimator_params=params,
+            label=cfg.data.label,
+            max_train_rows=model.max_train_rows,
+            holdout_fraction=model.holdout_fraction,
+            n_clusters=model.n_clusters,
+            plots_dir=stage / "plots",
+            champion_dir=Path(champion.model_dir) if fair and champion else None,
+        )
+        card = model_card_task.with_options(task_run_name=f"card-{run.tag}")(
+            run.dataset,
+            run.run_date,
+            ingested.schema,
+            trained,
+            params,
+            model.latent_dim,
+            model.contamination,
+        )
+        registered = register_task.with_options(task_run_name=f"register-{run.tag}")(
             bundle_dir=bundle_dir,
-            name=cfg.model_name,
-            dataset=cfg.dataset,
-            data_dir=data_dir,
+            name=run.model_name,
+            dataset=run.dataset,
+            data_dir=run.data_dir,
             params={**trained.params, "config_hash": cfg.config_hash()},
             history=trained.history,
             metrics=trained.metrics,
             tags={
                 "reason": reason,
-                "dataset": cfg.dataset or "",
-                "run_date": str(cfg.run_date),
+                "dataset": run.dataset,
+                "run_date": str(run.run_date),
                 "config_hash": cfg.config_hash(),
             },
             sample=trained.sample,
             plots=[Path(p) for p in trained.plots],
-            description=_model_card(cfg, ing, trained),
+            description=card,
         )
     finally:
         with contextlib.suppress(OSError):
-            remove_tree(data_dir, stage)
-    verdict = gate(
-        trained.metrics["val_mse"],
-        trained.metrics.get("champion_holdout_mse"),
-        cfg.min_improvement,
-    )
-    tags = {
-        "decision": "promoted" if verdict.promote else "rejected",
-        "gate_reason": verdict.reason,
-        "challenger_holdout_mse": f"{verdict.challenger_mse:.6g}",
-        "champion_holdout_mse": (
-            "" if verdict.champion_mse is None else f"{verdict.champion_mse:.6g}"
-        ),
-        "champion_version": str(champion.version) if champion else "",
-    }
-    tag_version_task.with_options(task_run_name=f"tag-{tag}")(
-        reg.name, reg.version, reg.run_id, tags
-    )
-    if verdict.promote:
-        promote_task.with_options(task_run_name=f"promote-{tag}")(
-            reg.name, reg.version, cache_dir
-        )
-    get_run_logger().info("challenger v%s: %s", reg.version, tags)
-    return Challenge(
-        outcome="promote" if verdict.promote else "keep_champion",
-        reason=verdict.reason,
-        version=reg.version,
-        run_id=reg.run_id,
-        metrics=trained.metrics,
-    )
-
-
-def _require_columns(
-    model_schema: TableSchema, data_schema: TableSchema, name: str
-) -> None:
-    need = [c for c in model_schema.required() if c not in data_schema]
-    if need:
-        raise SchemaError(
-            f"the input lacks column(s) the champion {name} needs: {', '.join(need)};"
-            " fix the input, or pass --retrain to train a model on the new schema"
-        )
-
-
-def code_version() -> str:
-    """The git commit of the running code (with +dirty), or the package version."""
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        return f"commit {sha}{'+dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        try:
-            return f"version {version('latentflow')}"
-        except PackageNotFoundError:
-            return "version unknown"
-
-
-def _model_card(cfg: PipelineConfig, ing: Any, trained: Any) -> str:
-    m = trained.metrics
-    feats = ing.schema.features
-    lines = [
-        f"latentflow {cfg.kind} autoencoder for {cfg.dataset},"
-        f" run date {cfg.run_date}.",
-        f"Data: {trained.n_rows_total} rows ingested; {trained.n_train} train,"
-        f" {trained.n_holdout} holdout.",
-        f"Features ({len(feats)}): {', '.join(feats)}.",
-        "Preprocessing: median imputation + missing indicators + standard scaling;"
-        " one-hot categoricals with an unknown slot.",
-        f"Hyperparameters: {cfg.estimator_params()}.",
-        f"Code: latentflow {code_version()}.",
-        f"Holdout MSE {m['val_mse']:.4f}"
-        f" vs PCA({cfg.latent_dim}) {m['pca_val_mse']:.4f};"
-        f" threshold {m['threshold']:.4f} (contamination {cfg.contamination}).",
-    ]
-    return "\n".join(lines)
+            remove_tree(run.data_dir, stage)
+    return trained, registered

@@ -62,13 +62,13 @@ def check_runtime(cfg: PipelineConfig) -> None:
     The CLI calls it before any engine starts, so a bad data dir or device is
     one line in a second; the flow calls it again for runs from deployments.
     """
-    check_data_dir(cfg.data_dir)
-    check_device(cfg.device)
+    check_data_dir(cfg.data.data_dir)
+    check_device(cfg.execution.device)
     check_mlflow_database()
-    run = cfg.resolved()
-    if run.dataset and run.run_date:
-        data_dir = Path(run.data_dir).expanduser().resolve()
-        check_run_paths(data_dir, run.dataset, run.run_date)
+    data = cfg.resolved().data
+    if data.dataset and data.run_date:
+        data_dir = Path(data.data_dir).expanduser().resolve()
+        check_run_paths(data_dir, data.dataset, data.run_date)
 
 
 def check_prefect_database() -> None:

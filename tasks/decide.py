@@ -10,6 +10,7 @@ from typing import Any, Literal
 from prefect import task
 
 from models.schema import TableSchema
+from tasks.errors import SchemaError
 from tasks.policy import PLAIN
 
 #: A schema, typed or in its saved JSON form (a bundle's ``input_schema``).
@@ -75,6 +76,70 @@ def params_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(changed)
 
 
+def require_champion_columns(
+    champion: ChampionInfo | None, data_schema: SchemaLike, retrain: bool
+) -> None:
+    """Refuse data that lacks a column the champion needs, unless retraining:
+    a silent retrain would change the output contract behind the user's back."""
+    if champion is None or retrain:
+        return
+    have = set(TableSchema.coerce(data_schema).names)
+    need = [
+        name
+        for name in champion.input_schema.with_role("key", "feature")
+        if name not in have
+    ]
+    if need:
+        raise SchemaError(
+            f"the input lacks column(s) the champion {champion.name} needs:"
+            f" {', '.join(need)}; fix the input, or pass --retrain to train a model"
+            " on the new schema"
+        )
+
+
+def _train_reason(
+    champion: ChampionInfo | None,
+    data_schema: SchemaLike,
+    now: datetime,
+    max_model_age_days: int,
+    retrain: bool,
+    params: dict[str, Any] | None,
+) -> Decision | None:
+    """Why the champion cannot be reused whatever the drift; None if it may."""
+    if retrain:
+        return Decision("train", "forced")
+    if champion is None:
+        return Decision("train", "no_champion")
+    diff = schema_difference(champion.input_schema, data_schema)
+    if diff:
+        return Decision("train", f"schema_changed: {diff}")
+    changed = params_difference(champion.params, params or {})
+    if changed:
+        # An analyst asked for a different model: that is a new output contract.
+        return Decision("train", f"params_changed: {changed}")
+    age_days = (now - champion.created_at).total_seconds() / 86400
+    if age_days > max_model_age_days:
+        return Decision("train", f"too_old: {age_days:.1f} days > {max_model_age_days}")
+    return None
+
+
+def drift_matters(
+    champion: ChampionInfo | None,
+    data_schema: SchemaLike,
+    now: datetime,
+    max_model_age_days: int,
+    retrain: bool,
+    params: dict[str, Any] | None = None,
+) -> bool:
+    """Whether measuring drift can change the decision: only when the champion
+    could otherwise be reused (drift is measured against it, which costs a
+    pass over a sample of the data)."""
+    reason = _train_reason(
+        champion, data_schema, now, max_model_age_days, retrain, params
+    )
+    return reason is None
+
+
 def decide(
     champion: ChampionInfo | None,
     data_schema: SchemaLike,
@@ -95,20 +160,12 @@ def decide(
     reconstruction error more than ``max_error_ratio`` times the training one,
     means retrain.
     """
-    if retrain:
-        return Decision("train", "forced")
-    if champion is None:
-        return Decision("train", "no_champion")
-    diff = schema_difference(champion.input_schema, data_schema)
-    if diff:
-        return Decision("train", f"schema_changed: {diff}")
-    changed = params_difference(champion.params, params or {})
-    if changed:
-        # An analyst asked for a different model: that is a new output contract.
-        return Decision("train", f"params_changed: {changed}")
+    reason = _train_reason(
+        champion, data_schema, now, max_model_age_days, retrain, params
+    )
+    if reason is not None or champion is None:
+        return reason or Decision("train", "no_champion")
     age_days = (now - champion.created_at).total_seconds() / 86400
-    if age_days > max_model_age_days:
-        return Decision("train", f"too_old: {age_days:.1f} days > {max_model_age_days}")
     if drift is not None:
         if len(drift.drifted) > max_drifted_features:
             return Decision("train", f"feature_drift: {drift.drifted}")
@@ -124,6 +181,24 @@ decide_task = task(decide, name="decide", **PLAIN)
 
 
 @dataclass(frozen=True)
+class ChosenModel:
+    """The model version that scores the run's rows, and how it was chosen."""
+
+    version: int
+    run_id: str
+    bundle_dir: str
+    #: "reuse" (no training), "promote" (the challenger won) or "keep_champion".
+    outcome: str
+    gate_reason: str = ""
+    #: The challenger's training metrics; empty when nothing was trained.
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def reused(cls, champion: ChampionInfo) -> ChosenModel:
+        return cls(champion.version, champion.run_id, champion.model_dir, "reuse")
+
+
+@dataclass(frozen=True)
 class Gate:
     """The champion/challenger verdict after a retrain."""
 
@@ -131,6 +206,18 @@ class Gate:
     reason: str
     challenger_mse: float
     champion_mse: float | None
+
+    def tags(self, champion: ChampionInfo | None) -> dict[str, str]:
+        """The verdict as tags on the challenger's model version."""
+        return {
+            "decision": "promoted" if self.promote else "rejected",
+            "gate_reason": self.reason,
+            "challenger_holdout_mse": f"{self.challenger_mse:.6g}",
+            "champion_holdout_mse": (
+                "" if self.champion_mse is None else f"{self.champion_mse:.6g}"
+            ),
+            "champion_version": str(champion.version) if champion else "",
+        }
 
 
 def gate(
@@ -164,3 +251,6 @@ def comparable(
         and not schema_difference(champion.input_schema, data_schema)
         and not params_difference(champion.params, params)
     )
+
+
+gate_task = task(gate, name="gate", **PLAIN)

@@ -55,6 +55,16 @@ TOP_K = 20
 _ERROR_SAMPLE = 4096
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Which model and run made a latent/ partition: written into its metadata."""
+
+    model_name: str
+    model_version: int
+    mlflow_run_id: str
+    config_hash: str
+
+
 @dataclass
 class ScoreResult:
     output_dir: str
@@ -190,11 +200,8 @@ def prepare_scoring(
     bundle_dir: Path,
     dataset: str,
     run_date: date,
+    provenance: Provenance,
     *,
-    model_name: str,
-    model_version: int,
-    mlflow_run_id: str,
-    config_hash: str,
     device: str = "cpu",
 ) -> ScoreLayout:
     """Check the data against the model and fix the output schema and metadata.
@@ -212,8 +219,9 @@ def prepare_scoring(
     missing = [c for c in needed if c not in names]
     if missing:
         raise SchemaError(
-            f"{ingested_dir}: the data lacks column(s) the model {model_name}"
-            f" v{model_version} needs: {', '.join(missing)}"
+            f"{ingested_dir}: the data lacks column(s) the model"
+            f" {provenance.model_name} v{provenance.model_version} needs:"
+            f" {', '.join(missing)}"
         )
     keys = [k for k in model.info.keys if k in names]
     key_types = [(k, source.field(k).type) for k in keys]
@@ -221,10 +229,10 @@ def prepare_scoring(
         key_types, model.latent_dim, bool(model.info.cluster_centers)
     )
     metadata = {
-        "latentflow.model_name": model_name,
-        "latentflow.model_version": str(model_version),
-        "latentflow.mlflow_run_id": mlflow_run_id,
-        "latentflow.config_hash": config_hash,
+        "latentflow.model_name": provenance.model_name,
+        "latentflow.model_version": str(provenance.model_version),
+        "latentflow.mlflow_run_id": provenance.mlflow_run_id,
+        "latentflow.config_hash": provenance.config_hash,
         "latentflow.dataset": dataset,
         "latentflow.run_date": run_date.isoformat(),
         "latentflow.threshold": repr(model.threshold),
@@ -233,7 +241,12 @@ def prepare_scoring(
     schema = schema.with_metadata({k: v.encode() for k, v in metadata.items()})
     columns = ["_row_id", *keys, *[c for c in needed if c not in keys]]
     return ScoreLayout(
-        schema, columns, keys, model_name, model_version, model.manifest_sha256
+        schema,
+        columns,
+        keys,
+        provenance.model_name,
+        provenance.model_version,
+        model.manifest_sha256,
     )
 
 
@@ -242,11 +255,8 @@ def plan_scoring(
     bundle_dir: Path,
     dataset: str,
     run_date: date,
+    provenance: Provenance,
     *,
-    model_name: str,
-    model_version: int,
-    mlflow_run_id: str,
-    config_hash: str,
     unit_rows: int,
     device: str = "cpu",
 ) -> ScorePlan:
@@ -260,10 +270,7 @@ def plan_scoring(
         bundle_dir,
         dataset,
         run_date,
-        model_name=model_name,
-        model_version=model_version,
-        mlflow_run_id=mlflow_run_id,
-        config_hash=config_hash,
+        provenance,
         device=device,
     )
     files = partition_files(ingested_dir)
@@ -450,11 +457,8 @@ def score_partition(
     data_dir: Path,
     dataset: str,
     run_date: date,
+    provenance: Provenance,
     *,
-    model_name: str,
-    model_version: int,
-    mlflow_run_id: str,
-    config_hash: str,
     batch_rows: int = 65536,
     device: str = "cpu",
     publish: bool = True,
@@ -469,10 +473,7 @@ def score_partition(
         bundle_dir,
         dataset,
         run_date,
-        model_name=model_name,
-        model_version=model_version,
-        mlflow_run_id=mlflow_run_id,
-        config_hash=config_hash,
+        provenance,
         device=device,
     )
     units = single_unit(partition_files(ingested_dir))

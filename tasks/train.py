@@ -353,14 +353,28 @@ def _probe_metrics(
 
 
 @task(name="train", **PLAIN)
-def train_task(**kwargs: Any) -> TrainResult:
-    """Train with per-epoch logs and a progress artifact the UI updates live."""
+def train_task(
+    ingested_dir: Path,
+    schema: dict[str, Any],
+    bundle_dir: Path,
+    *,
+    dataset: str,
+    estimator_params: dict[str, Any],
+    label: str | None = None,
+    max_train_rows: int = 2_000_000,
+    holdout_fraction: float = 0.2,
+    n_clusters: int | None = None,
+    champion_dir: Path | None = None,
+    plots_dir: Path | None = None,
+) -> TrainResult:
+    """:func:`train_model`, with per-epoch logs and a progress artifact the UI
+    updates live."""
     from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     logger = get_run_logger()
     # A family that does not train in epochs reports no progress until done.
-    epochs = int(kwargs["estimator_params"].get("epochs", 1))
+    epochs = int(estimator_params.get("epochs", 1))
     progress = create_progress_artifact(0.0, description="training epochs")
 
     def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
@@ -370,7 +384,20 @@ def train_task(**kwargs: Any) -> TrainResult:
         update_progress_artifact(progress, min(100.0, 100.0 * (epoch + 1) / epochs))
         checkpoint("train")
 
-    result = train_model(**kwargs, epoch_callback=on_epoch)
+    result = train_model(
+        ingested_dir,
+        schema,
+        bundle_dir,
+        dataset=dataset,
+        estimator_params=estimator_params,
+        label=label,
+        max_train_rows=max_train_rows,
+        holdout_fraction=holdout_fraction,
+        n_clusters=n_clusters,
+        champion_dir=champion_dir,
+        plots_dir=plots_dir,
+        epoch_callback=on_epoch,
+    )
     update_progress_artifact(progress, 100.0)
     for warning in result.warnings:
         logger.warning(warning)

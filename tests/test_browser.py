@@ -1,10 +1,14 @@
-"""The Prefect UI in headless Chromium: a custom run of the on-demand deployment.
+"""The Prefect and MLflow UIs in headless Chromium: a custom run of the
+on-demand deployment, then its model.
 
-A person's path through the UI served by ``make serve``: Deployments >
-latentflow-on-demand > Run > Custom run, fill in the input file and change
-``latent_dim`` to 2, Submit; the served runner executes the run; the flow-run
-page shows it Completed. A screenshot of that page is saved under the test's
-tmp dir (and copied to ``$LATENTFLOW_SCREENSHOT_DIR`` when set, for CI).
+A person's path through the UIs served by ``make serve``: Deployments >
+latentflow-on-demand > Run > Custom run, where the config is grouped (Data,
+Model, Policy, Execution); fill in the input file and change ``latent_dim`` to
+2, Submit; the served runner executes the run; the flow-run page shows it
+Completed; the MLflow UI shows the registered model with its ``champion``
+alias. Screenshots of the form, the flow-run page and the model page are saved
+under the test's tmp dir (and copied to ``$LATENTFLOW_SCREENSHOT_DIR`` when
+set: ``docs/img`` holds the ones the README shows).
 
 Needs the Debian ``chromium`` package and the ``playwright`` Python package (no
 browser download: the system Chromium is used); skipped when either is missing.
@@ -52,24 +56,28 @@ def sync_playwright() -> Any:
 def stack(
     sync_playwright: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServeStack]:
-    # No MLflow UI here: this module only needs Prefect's.
-    s = ServeStack(tmp_path_factory.mktemp("serve-ui"), mlflow=False).start()
+    s = ServeStack(tmp_path_factory.mktemp("serve-ui")).start()
     try:
         yield s
     finally:
         s.stop()
 
 
-def _field(page: Any, label: str) -> Any:
-    """The input of a parameter-form field, found by its visible label.
-
-    Prefect's schema form renders each field as a ``schema-form-property`` block
-    whose label reads ``<Title>`` or ``<Title> (Optional)``.
-    """
-    xpath = (
+def _label_xpath(label: str) -> str:
+    """Prefect's schema form renders each field, and each nested model (a group),
+    as a ``schema-form-property`` block whose label reads ``<Title>`` or
+    ``<Title> (Optional)``."""
+    return (
         "xpath=//span[contains(@class, 'schema-form-property__label') and"
         f" (normalize-space()='{label}' or normalize-space()='{label} (Optional)')]"
-        "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '),"
+    )
+
+
+def _field(page: Any, label: str) -> Any:
+    """The input of a parameter-form field, found by its visible label."""
+    xpath = (
+        _label_xpath(label)
+        + "/ancestor::div[contains(concat(' ', normalize-space(@class), ' '),"
         " ' schema-form-property ')][1]//*[self::textarea or self::input][1]"
     )
     loc = page.locator(xpath)
@@ -96,13 +104,23 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def _group(page: Any, title: str) -> Any:
+    """A config section's group in the form, found by its visible title."""
+    loc = page.locator(_label_xpath(title)).first
+    loc.wait_for(timeout=UI_TIMEOUT_MS)
+    return loc
+
+
 def test_custom_run_from_the_ui(stack, sync_playwright, tmp_path):
     import pyarrow.parquet as pq
 
     from deployments.definitions import ON_DEMAND
+    from flows.config import lift_flat
 
     assert not _on_demand_runs(stack)
-    shot = tmp_path / "prefect-ui-flow-run-completed.png"
+    form_shot = tmp_path / "prefect-run-form.png"
+    shot = tmp_path / "prefect-flow-run.png"
+    model_shot = tmp_path / "mlflow-model.png"
     t0 = time.monotonic()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -117,10 +135,15 @@ def test_custom_run_from_the_ui(stack, sync_playwright, tmp_path):
             page.get_by_text("Custom run", exact=True).click()
             page.wait_for_url("**/run**")
 
+            # The config is drawn in its groups, data first.
+            heads = [_group(page, t) for t in ("Data", "Model", "Policy", "Execution")]
+            tops = [h.bounding_box()["y"] for h in heads]
+            assert tops == sorted(tops), tops
             # The deployment's defaults are in the form (data_dir); input is not.
             assert _field(page, "Data Dir").input_value() == str(stack.data_dir)
             _field(page, "Input").fill(str(stack.csv))
             _field(page, "Latent Dim").fill("2")
+            page.screenshot(path=str(form_shot))
             page.get_by_role("button", name="Submit", exact=True).click()
 
             (created,) = _wait_for(
@@ -141,19 +164,30 @@ def test_custom_run_from_the_ui(stack, sync_playwright, tmp_path):
             page.get_by_text("Completed", exact=True).first.wait_for()
             page.get_by_text(run["name"]).first.wait_for()
             page.screenshot(path=str(shot))
+
+            # The model it registered, in the MLflow UI: version 1, champion.
+            page.goto(
+                f"http://127.0.0.1:{stack.mlflow_port}/#/models/weatheraus-autoencoder",
+                wait_until="networkidle",
+            )
+            page.get_by_text("champion").first.wait_for()
+            page.get_by_text("Version 1").first.wait_for()
+            page.screenshot(path=str(model_shot))
         finally:
             browser.close()
     print(f"\nUI run {run['name']} completed in {time.monotonic() - t0:.1f}s")
-    print(f"screenshot: {shot}")
     copy_dir = os.environ.get("LATENTFLOW_SCREENSHOT_DIR")
-    if copy_dir:
-        Path(copy_dir).mkdir(parents=True, exist_ok=True)
-        print(f"screenshot copy: {shutil.copy2(shot, copy_dir)}")
+    for png in (form_shot, shot, model_shot):
+        assert png.stat().st_size > 10_000
+        print(f"screenshot: {png}")
+        if copy_dir:
+            Path(copy_dir).mkdir(parents=True, exist_ok=True)
+            print(f"screenshot copy: {shutil.copy2(png, copy_dir)}")
 
-    assert shot.stat().st_size > 10_000
-    config = run["parameters"]["config"]
-    assert config["latent_dim"] == 2
-    assert config["input"] == str(stack.csv)
+    # The form sends the config in its sections.
+    config = lift_flat(run["parameters"]["config"])
+    assert config["model"]["latent_dim"] == 2
+    assert config["data"]["input"] == str(stack.csv)
     # The changed parameter reached the model: two latent columns, not eight.
     files = sorted(
         (stack.data_dir / "latent" / "weatheraus").glob("run_date=*/*.parquet")

@@ -18,6 +18,7 @@ from flows.cli import _overrides, _parser, main
 from flows.config import PipelineConfig, build_config
 from flows.runners import ClusterError, RunnerScope, check_scheduler
 from tasks.errors import ConfigError
+from tasks.score import Provenance
 
 RUN = date(2024, 1, 1)
 PRESET = {"keys": ["Date", "Location"], "label": "RainTomorrow"}
@@ -29,7 +30,7 @@ TINY_MODEL = {
     "device": "cpu",
     "random_state": 0,
 }
-META = {"model_name": "m", "model_version": 1, "mlflow_run_id": "r", "config_hash": "c"}
+META = Provenance("m", 1, "r", "c")
 
 
 # ------------------------------------------------------------------- config
@@ -77,11 +78,12 @@ def test_cli_flags_map_to_config_fields():
         ["run", "--input", "x.csv", "--runner", "dask", "--dask-workers", "3"]
     )
     cfg = build_config(None, _overrides(args))
-    assert (cfg.runner, cfg.dask_workers, cfg.dask_address) == ("dask", 3, None)
+    run = cfg.execution
+    assert (run.runner, run.dask_workers, run.dask_address) == ("dask", 3, None)
     args = _parser().parse_args(
         ["run", "--input", "x.csv", "--runner", "dask", "--dask-address", "h:8786"]
     )
-    assert build_config(None, _overrides(args)).dask_address == "h:8786"
+    assert build_config(None, _overrides(args)).execution.dask_address == "h:8786"
 
 
 def test_cli_refuses_dask_address_without_runner_dask(capsys):
@@ -235,8 +237,8 @@ def test_units_score_exactly_like_one_unit(work: Path, ingested: Path, bundle: P
         score_unit,
     )
 
-    seq = score_partition(ingested, bundle, work / "seq", "weatheraus", RUN, **META)
-    layout = prepare_scoring(ingested, bundle, "weatheraus", RUN, **META)
+    seq = score_partition(ingested, bundle, work / "seq", "weatheraus", RUN, META)
+    layout = prepare_scoring(ingested, bundle, "weatheraus", RUN, META)
     units = plan_units(partition_files(ingested), 700)
     assert len(units) >= 4
     staged = open_staged(work / "par", "latent", "weatheraus", RUN)
@@ -267,7 +269,7 @@ def test_commit_refuses_a_missing_unit(work: Path, ingested: Path, bundle: Path)
     )
     from tasks.score import commit_scores, prepare_scoring, score_unit
 
-    layout = prepare_scoring(ingested, bundle, "weatheraus", RUN, **META)
+    layout = prepare_scoring(ingested, bundle, "weatheraus", RUN, META)
     units = plan_units(partition_files(ingested), 1500)
     staged = open_staged(work / "missing", "latent", "weatheraus", RUN)
     try:

@@ -63,3 +63,41 @@ def test_changed_model_params_retrain_and_are_not_comparable():
     assert comparable(c, schema(a="numeric"), same)
     assert not comparable(c, schema(a="numeric"), {**same, "latent_dim": 3})
     assert not comparable(c, schema(a="categorical"), same)
+
+
+def test_drift_is_measured_exactly_when_the_champion_could_be_reused():
+    """The flow measures drift only when ``drift_matters``; that must be the
+    case where a decision without drift would reuse, so one ``decide`` call
+    (with the drift, when measured) gives the answer two calls gave before."""
+    from tasks.decide import drift_matters
+
+    params = {"latent_dim": 8}
+    cases = [
+        (None, schema(a="numeric"), False),
+        (champ(a="numeric"), schema(a="numeric"), True),  # retrain
+        (champ(a="numeric"), schema(a="numeric"), False),
+        (champ(8, a="numeric"), schema(a="numeric"), False),  # too old
+        (champ(a="numeric"), schema(a="categorical"), False),  # retyped
+    ]
+    for c, s, retrain in cases:
+        reusable = decide(c, s, NOW, 7, retrain, params=None).action == "reuse"
+        assert drift_matters(c, s, NOW, 7, retrain, None) == reusable
+    changed = ChampionInfo(
+        "ds-autoencoder", 3, "run", NOW, "/m", schema(a="numeric"), {"latent_dim": 4}
+    )
+    assert not drift_matters(changed, schema(a="numeric"), NOW, 7, False, params)
+
+
+def test_champion_columns_missing_from_the_data_are_one_error():
+    import pytest
+
+    from tasks.decide import require_champion_columns
+    from tasks.errors import SchemaError
+
+    c = champ(a="numeric", b="numeric")
+    require_champion_columns(c, schema(a="numeric", b="numeric", z="numeric"), False)
+    require_champion_columns(c, schema(a="numeric"), True)  # retrain accepts it
+    require_champion_columns(None, schema(a="numeric"), False)
+    with pytest.raises(SchemaError, match=r"lacks column.*ds-autoencoder") as e:
+        require_champion_columns(c, schema(a="numeric"), False)
+    assert str(e.value).count("\n") == 0 and ": b;" in str(e.value)

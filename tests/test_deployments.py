@@ -257,10 +257,12 @@ def test_deployment_definitions(monkeypatch, tmp_path):
     assert (nightly.name, on_demand.name) == (d.NIGHTLY, d.ON_DEMAND)
     assert nightly.entrypoint == on_demand.entrypoint == d.ENTRYPOINT
     assert nightly.flow_name == on_demand.flow_name == FLOW
-    cfg = nightly.parameters["config"]
+    cfg = nightly.parameters["config"]["data"]
     assert cfg["input"] == str(Path("weather.csv").resolve())  # absolute
     assert cfg["data_dir"] == str(tmp_path / "data")
-    assert on_demand.parameters == {"config": {"data_dir": str(tmp_path / "data")}}
+    assert on_demand.parameters == {
+        "config": {"data": {"data_dir": str(tmp_path / "data")}}
+    }
     for dep in (nightly, on_demand):
         assert dep.enforce_parameter_schema is True
         assert dep.concurrency_limit == 1
@@ -290,6 +292,48 @@ def test_deployment_definitions(monkeypatch, tmp_path):
     )
     assert all(p.work_pool_name == "latentflow-gpu" for p in pooled)
     assert all(p.job_variables == {"image": "img:1"} for p in pooled)
+
+
+def test_form_groups_the_config_and_still_takes_flat_parameters(monkeypatch, tmp_path):
+    """The UI form draws the config in groups (data, model, policy, execution;
+    common fields first); the server's own parameter check (the one run before
+    a deployment run is created) takes the sectioned defaults, flat fields from
+    API callers, and refuses a bad flat value by its flat name."""
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from deployments import definitions as d
+
+    monkeypatch.setenv("LATENTFLOW_DATA_DIR", str(tmp_path / "data"))
+    nightly, on_demand = d.build_deployments()
+    schema = nightly._parameter_openapi_schema.model_dump()
+    defs = schema["definitions"]
+    config = defs["PipelineConfig"]
+    assert list(config["properties"]) == ["data", "model", "policy", "execution"]
+    firsts = {}
+    for name, prop in config["properties"].items():
+        section = defs[prop["$ref"].rsplit("/", 1)[-1]]
+        assert prop["title"] == name.capitalize()
+        firsts[name] = list(section["properties"])[:3]
+    assert firsts["data"] == ["input", "data_dir", "dataset"]
+    assert firsts["model"] == ["kind", "latent_dim", "epochs"]
+    assert firsts["policy"][0] == "retrain"
+    assert firsts["execution"][0] == "runner"
+
+    def check(params: dict[str, Any]) -> None:
+        validate(params, schema, raise_on_error=True, ignore_required=False)
+
+    check(nightly.parameters)
+    check({"config": {"data": {"input": "a.csv"}, "model": {"latent_dim": 3}}})
+    check({"config": {"input": "a.csv", "latent_dim": 3, "runner": "threads"}})
+    for bad, field in (
+        ({"input": "a.csv", "latent_dim": 0}, "config.latent_dim"),
+        ({"input": "a.csv", "latnet_dim": 3}, "config"),
+        ({"epochs": 1}, "config"),  # no input, flat or in a data section
+        # The on-demand defaults alone: the person starting a run adds input.
+        (on_demand.parameters["config"], "config.data"),
+    ):
+        with pytest.raises(ValidationError, match=field):
+            check({"config": bad})
 
 
 def test_timeout_from_env(monkeypatch):
@@ -357,8 +401,8 @@ def test_nightly_deployment_registered_with_schedule(stack):
     assert dep.concurrency_options.collision_strategy.value == "ENQUEUE"
     assert dep.entrypoint == ENTRYPOINT
     assert dep.work_pool_name is None  # served: the runner executes it
-    assert dep.parameters["config"]["input"] == str(stack.csv)
-    assert dep.parameters["config"]["data_dir"] == str(stack.data_dir)
+    assert dep.parameters["config"]["data"]["input"] == str(stack.csv)
+    assert dep.parameters["config"]["data"]["data_dir"] == str(stack.data_dir)
 
 
 @pytest.mark.slow

@@ -202,7 +202,8 @@ def test_unknown_kind_in_config_is_a_one_line_config_error(pca_family) -> None:
 def test_config_schema_lists_the_registered_families(pca_family) -> None:
     from flows.config import PipelineConfig
 
-    kind = PipelineConfig.model_json_schema()["properties"]["kind"]
+    schema = PipelineConfig.model_json_schema()
+    kind = schema["$defs"]["ModelSection"]["properties"]["kind"]
     assert kind["enum"] == [*BUILTIN, "pca"]
 
 

@@ -325,7 +325,7 @@ def _cells(schema: TableSchema) -> st.SearchStrategy[dict[str, str]]:
 def _batch(champion, rows: list[dict[str, str]], work: Path):
     """The batch path on the same raw rows: ingest, then score."""
     from tasks.ingest import ingest
-    from tasks.score import score_partition
+    from tasks.score import Provenance, score_partition
 
     names = champion.info.input_schema.names
     src = work / "raw.csv"
@@ -350,10 +350,7 @@ def _batch(champion, rows: list[dict[str, str]], work: Path):
             data,
             "weatheraus",
             D1,
-            model_name=NAME,
-            model_version=1,
-            mlflow_run_id="",
-            config_hash="test",
+            Provenance(NAME, 1, "", "test"),
         )
         latent = pd.read_parquet(out.output_dir)
         latent["Date"] = latent["Date"].astype(str)

@@ -117,7 +117,7 @@ def _ingest(csv: Path, data_dir: Path, block_size: int) -> Any:
 
 
 def _score(ingested: Path, bundle: Path, data_dir: Path, batch_rows: int) -> Path:
-    from tasks.score import score_partition
+    from tasks.score import Provenance, score_partition
 
     res = score_partition(
         ingested,
@@ -125,10 +125,7 @@ def _score(ingested: Path, bundle: Path, data_dir: Path, batch_rows: int) -> Pat
         data_dir,
         "weatheraus",
         RUN,
-        model_name="m",
-        model_version=1,
-        mlflow_run_id="r",
-        config_hash="c",
+        Provenance("m", 1, "r", "c"),
         batch_rows=batch_rows,
     )
     return Path(res.output_dir)

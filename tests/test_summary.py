@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.schema import TableSchema
 from tasks.decide import ChampionInfo, ChosenModel, Decision
 from tasks.drift import DriftReport
 from tasks.ingest import IngestResult
@@ -25,7 +26,9 @@ SCHEMA = {
         {"name": "RainTomorrow", "kind": "categorical", "role": "label"},
     ]
 }
-INGESTED = IngestResult("/i", "/r", 10, 9, 1, {"rule": 1}, [], SCHEMA, ["/x.csv"])
+INGESTED = IngestResult(
+    "/i", "/r", 10, 9, 1, {"rule": 1}, [], TableSchema.from_dict(SCHEMA), ["/x.csv"]
+)
 SCORED = ScoreResult("/d/latent/weatheraus/run_date=2024-03-01", 9, 1, 0.5, 2.0)
 
 
@@ -57,7 +60,9 @@ def test_summary_line_keys_order_and_gate_reason():
 
 
 def test_reuse_summary_carries_the_drift():
-    champion = ChampionInfo("weatheraus-autoencoder", 3, "r3", RUN_TIME, "/m", {})
+    champion = ChampionInfo(
+        "weatheraus-autoencoder", 3, "r3", RUN_TIME, "/m", TableSchema.from_dict(SCHEMA)
+    )
     drift = DriftReport({"MinTemp": 0.31, "WindDir": 0.01}, ["MinTemp"], 1.23456, 2.0)
     s = run_summary(
         RUN,

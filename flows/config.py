@@ -32,6 +32,7 @@ from pydantic import (
 
 from models.families import DEFAULT_FAMILY, family_names, get_family
 from models.families import model_params as family_params
+from models.schema import Roles
 from tasks.errors import ConfigError
 from tasks.presets import WEATHERAUS_RULES
 from tasks.roles import IngestRoles
@@ -456,13 +457,8 @@ class PipelineConfig(BaseModel):
     def ingest_roles(self) -> IngestRoles:
         """The data section's column roles, as ingest takes them."""
         data = self.data
-        return IngestRoles(
-            keys=data.key_columns,
-            features=data.features,
-            exclude=list(data.exclude),
-            label=data.label,
-            rules=list(data.rules or []),
-        )
+        roles = Roles.of(data.key_columns, data.features, data.exclude, data.label)
+        return IngestRoles(roles, tuple(data.rules or ()))
 
     def flat(self, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
         """Every field by its flat name (``keys`` for the key columns)."""

@@ -166,12 +166,15 @@ def test_custom_run_from_the_ui(stack, sync_playwright, tmp_path):
             page.screenshot(path=str(shot))
 
             # The model it registered, in the MLflow UI: version 1, champion.
+            # MLflow's UI keeps polling, so the network never goes idle: wait
+            # for the page's own text instead.
             page.goto(
                 f"http://127.0.0.1:{stack.mlflow_port}/#/models/weatheraus-autoencoder",
-                wait_until="networkidle",
+                wait_until="domcontentloaded",
+                timeout=4 * UI_TIMEOUT_MS,
             )
-            page.get_by_text("champion").first.wait_for()
-            page.get_by_text("Version 1").first.wait_for()
+            page.get_by_text("champion").first.wait_for(timeout=4 * UI_TIMEOUT_MS)
+            page.get_by_text("Version 1").first.wait_for(timeout=4 * UI_TIMEOUT_MS)
             page.screenshot(path=str(model_shot))
         finally:
             browser.close()

@@ -193,7 +193,12 @@ class DensityScore(nn.Module):
 
     # -- fitting ------------------------------------------------------------
     def fit(
-        self, x: np.ndarray, code: np.ndarray, sq_error: np.ndarray, seed: int
+        self,
+        x: np.ndarray,
+        code: np.ndarray,
+        sq_error: np.ndarray,
+        seed: int,
+        columns: np.ndarray | None = None,
     ) -> np.ndarray:
         """Fit on the training rows; return their scores, shape (n,), float64.
 
@@ -210,6 +215,8 @@ class DensityScore(nn.Module):
             Squared reconstruction error of every cell.
         seed : int
             Draws the subsets.
+        columns : ndarray of shape (n_marginal,) or None
+            :func:`marginal_columns` of ``x`` when the caller already has it.
         """
         n = x.shape[0]
         rng = np.random.default_rng(seed)
@@ -219,7 +226,9 @@ class DensityScore(nn.Module):
         self.error_scale.copy_(
             torch.from_numpy(sq_error.mean(axis=0, dtype=np.float64) + 1e-6)
         )
-        self._fit_histograms(x, rng)
+        self._fit_histograms(
+            x, rng, marginal_columns(x) if columns is None else columns
+        )
 
         take = min(self.set_rows, n)
         # Fewer training rows than a subset holds: members repeat (a repeat
@@ -254,9 +263,10 @@ class DensityScore(nn.Module):
         self.term_scale.copy_(torch.from_numpy(scale))
         return (terms[0] / scale[0] + terms[1] / scale[1]) / 2 + terms[2] / scale[2]
 
-    def _fit_histograms(self, x: np.ndarray, rng: np.random.Generator) -> None:
+    def _fit_histograms(
+        self, x: np.ndarray, rng: np.random.Generator, columns: np.ndarray
+    ) -> None:
         n = x.shape[0]
-        columns = marginal_columns(x)
         if columns.shape[0] != self.n_marginal:
             raise ValueError(
                 f"{columns.shape[0]} columns have more than two values, but this "
@@ -297,8 +307,11 @@ class DensityScore(nn.Module):
     def embed(self, code: torch.Tensor, sq_error: torch.Tensor) -> torch.Tensor:
         """Rows in the neighbour term's space, shape (n, latent_dim + 1)."""
         z = (code - self.code_mean) / self.code_scale
-        err = (sq_error / self.error_scale).mean(dim=1, keepdim=True).sqrt()
-        return torch.cat([z, err], dim=1)
+        # mean(sq_error / error_scale) as one matrix-vector product: a single
+        # pass over the (n, n_features) errors instead of two.
+        weights = (self.error_scale * self.n_features).reciprocal().to(sq_error.dtype)
+        err = torch.mv(sq_error, weights).clamp_min_(0).sqrt_()
+        return torch.cat([z, err.unsqueeze(1)], dim=1)
 
     def _fit_tails(self, columns: np.ndarray) -> None:
         n, m = columns.shape
@@ -324,8 +337,10 @@ class DensityScore(nn.Module):
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:
         """Tail surprisal of each marginal column, shape (n, n_marginal), > 0."""
-        cell = x.index_select(1, self.marginal_columns).sub_(self.tail_low)
-        cell = cell.mul_(self.tail_inverse_step).floor_()
+        return self._tail_of(x.index_select(1, self.marginal_columns))
+
+    def _tail_of(self, columns: torch.Tensor) -> torch.Tensor:
+        cell = columns.sub(self.tail_low).mul_(self.tail_inverse_step).floor_()
         cell = cell.clamp_(-1.0, self.tail_points + 1.0).add_(self._tail_offsets)
         return self.tail_table.reshape(-1).take(cell.long())
 
@@ -339,14 +354,19 @@ class DensityScore(nn.Module):
         """Marginal term of each marginal column, shape (n, n_marginal), >= 0:
         the mean of the histogram and tail surprisals, each divided by its
         training scale."""
-        scale = self.term_scale.to(x.dtype)
-        return (self.histogram(x) / scale[0] + self.tail(x) / scale[1]) / 2
+        columns = x.index_select(1, self.marginal_columns)
+        half = (0.5 / self.term_scale[:2]).to(x.dtype)
+        out = self._histogram_of(columns).mul_(half[0])
+        return out.add_(self._tail_of(columns).mul_(half[1]))
 
     def histogram(self, x: torch.Tensor) -> torch.Tensor:
         """Histogram surprisal of each column that has one, shape (n, n_marginal),
         >= 0."""
-        half = x.index_select(1, self.marginal_columns).sub_(self.hist_low)
-        half = torch.minimum(half.mul_(self.hist_halfsteps).floor_(), self.hist_top)
+        return self._histogram_of(x.index_select(1, self.marginal_columns))
+
+    def _histogram_of(self, columns: torch.Tensor) -> torch.Tensor:
+        half = columns.sub(self.hist_low).mul_(self.hist_halfsteps).floor_()
+        half = torch.minimum(half, self.hist_top)
         half = half.clamp_(min=-2.0).add_(self._table_offsets)
         return self.hist_table.reshape(-1).take(half.long())
 

@@ -16,7 +16,7 @@ import math
 import os
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -383,12 +383,13 @@ default="relu"
         self.scorer_ = None
         if self.score_method == "density":
             codes, sq_errors = self._codes_and_cell_errors(X32)
+            columns = marginal_columns(X32)
             scorer = DensityScore(
-                n_features,
-                network.latent_dim,
-                n_marginal=marginal_columns(X32).shape[0],
+                n_features, network.latent_dim, n_marginal=columns.shape[0]
             )
-            self.decision_scores_ = scorer.fit(X32, codes, sq_errors, score_seed)
+            self.decision_scores_ = scorer.fit(
+                X32, codes, sq_errors, score_seed, columns=columns
+            )
             self.scorer_ = scorer.to(device)
         else:
             _, errors = self._forward(X32, latent=False, error=True)
@@ -524,6 +525,28 @@ default="relu"
         return float(total) / x_val.numel()
 
     # -- inference ------------------------------------------------------------
+    def _blocks(
+        self, X32: np.ndarray, *, decode: bool = True
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The one inference loop: each block of ``X32``'s rows with its codes and,
+        when ``decode``, its squared cell errors (all on the fitted device).
+
+        Yields ``(rows, batch, code, sq_error)`` with shapes (b, n_features),
+        (b, latent_dim) and (b, n_features) or None. Runs under inference mode.
+        """
+        network = self.network_
+        device = torch.device(self.device_)
+        n = X32.shape[0]
+        with torch.inference_mode():
+            for start in range(0, n, INFERENCE_BATCH):
+                rows = slice(start, min(start + INFERENCE_BATCH, n))
+                batch = _rows_tensor(X32[rows], device)
+                code = network.infer_encode(batch)
+                sq = (
+                    network.infer_decode(code).sub_(batch).square_() if decode else None
+                )
+                yield rows, batch, code, sq
+
     def _forward(
         self,
         X32: np.ndarray,
@@ -539,40 +562,26 @@ default="relu"
         anomaly score of ``score_method``, or the reconstruction MSE when
         ``reconstruction`` is set.
         """
-        network = self.network_
         scorer = None if reconstruction else getattr(self, "scorer_", None)
-        device = torch.device(self.device_)
         n = X32.shape[0]
-        codes = np.empty((n, network.latent_dim), dtype=np.float32) if latent else None
+        latent_dim = self.network_.latent_dim
+        codes = np.empty((n, latent_dim), dtype=np.float32) if latent else None
         errors = np.empty(n, dtype=np.float32) if error else None
-        with torch.inference_mode():
-            for start in range(0, n, INFERENCE_BATCH):
-                stop = min(start + INFERENCE_BATCH, n)
-                batch = _rows_tensor(X32[start:stop], device)
-                code = network.infer_encode(batch)
-                if codes is not None:
-                    codes[start:stop] = code.cpu().numpy()
-                if errors is not None:
-                    sq = network.infer_decode(code).sub_(batch).square_()
-                    row = sq.mean(dim=1) if scorer is None else scorer(batch, code, sq)
-                    errors[start:stop] = row.cpu().numpy()
+        for rows, batch, code, sq in self._blocks(X32, decode=error):
+            if codes is not None:
+                codes[rows] = code.cpu().numpy()
+            if errors is not None and sq is not None:
+                row = sq.mean(dim=1) if scorer is None else scorer(batch, code, sq)
+                errors[rows] = row.cpu().numpy()
         return codes, errors
 
     def _codes_and_cell_errors(self, X32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Codes (n, latent_dim) and squared errors of every cell (n, n_features)."""
-        network = self.network_
-        device = torch.device(self.device_)
-        n = X32.shape[0]
-        codes = np.empty((n, network.latent_dim), dtype=np.float32)
+        codes = np.empty((X32.shape[0], self.network_.latent_dim), dtype=np.float32)
         cells = np.empty_like(X32)
-        with torch.inference_mode():
-            for start in range(0, n, INFERENCE_BATCH):
-                stop = min(start + INFERENCE_BATCH, n)
-                batch = _rows_tensor(X32[start:stop], device)
-                code = network.infer_encode(batch)
-                codes[start:stop] = code.cpu().numpy()
-                sq = network.infer_decode(code).sub_(batch).square_()
-                cells[start:stop] = sq.cpu().numpy()
+        for rows, _, code, sq in self._blocks(X32):
+            codes[rows] = code.cpu().numpy()
+            cells[rows] = sq.cpu().numpy()
         return codes, cells
 
     def _validated(self, X: Any) -> np.ndarray:
@@ -732,15 +741,7 @@ default="relu"
         index = X.index if isinstance(X, pd.DataFrame) else None
         X = self._validated(X)
         X32 = np.ascontiguousarray(X, dtype=np.float32)
-        device = torch.device(self.device_)
-        out = np.empty_like(X32)
-        with torch.inference_mode():
-            for start in range(0, X32.shape[0], INFERENCE_BATCH):
-                stop = min(start + INFERENCE_BATCH, X32.shape[0])
-                batch = _rows_tensor(X32[start:stop], device)
-                net = self.network_
-                recon = net.infer_decode(net.infer_encode(batch))
-                out[start:stop] = recon.sub_(batch).square_().cpu().numpy()
+        _, out = self._codes_and_cell_errors(X32)
         errors = out.astype(X.dtype, copy=False)
         if hasattr(self, "feature_names_in_"):
             return pd.DataFrame(
@@ -767,17 +768,9 @@ default="relu"
         if scorer is None:
             return np.asarray(self.feature_errors(X), dtype=np.float32)
         X32 = np.ascontiguousarray(self._validated(X), dtype=np.float32)
-        device = torch.device(self.device_)
         out = np.empty_like(X32)
-        net = self.network_
-        with torch.inference_mode():
-            for start in range(0, X32.shape[0], INFERENCE_BATCH):
-                stop = min(start + INFERENCE_BATCH, X32.shape[0])
-                batch = _rows_tensor(X32[start:stop], device)
-                code = net.infer_encode(batch)
-                sq = net.infer_decode(code).sub_(batch).square_()
-                part = scorer.contributions(batch, code, sq)
-                out[start:stop] = part.cpu().numpy()
+        for rows, batch, code, sq in self._blocks(X32):
+            out[rows] = scorer.contributions(batch, code, sq).cpu().numpy()
         return out
 
     def encode_and_score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -73,6 +73,7 @@ class Split:
     numeric: list[str]
     categorical: list[str]
     feature_names: list[str]
+    one_hot_groups: list[list[int]] = field(default_factory=list)
     y_train: np.ndarray | None = None
     y_hold: np.ndarray | None = None
     m_train: np.ndarray | None = None
@@ -140,6 +141,7 @@ def split_table(
         numeric=numeric,
         categorical=categorical,
         feature_names=list(pre.feature_names_out_),
+        one_hot_groups=pre.one_hot_groups(),
     )
     if label and label in table.column_names:
         tr = _binary_label(train_t.column(label).to_pandas())

@@ -169,11 +169,15 @@ def representation_section(
 
     rows: list[dict[str, Any]] = []
     for role, kind, dim, params in jobs:
+        # The preprocessor's one-hot blocks, as tasks.train passes them.
+        params = {**params, "one_hot_groups": split.one_hot_groups}
         est, seconds = _fit(params, split.x_train)
-        z_train, _ = est.encode_and_score(split.x_train)
-        z_hold, err_hold = est.encode_and_score(split.x_hold)
+        z_train = est.transform(split.x_train)
+        z_hold = est.transform(split.x_hold)
         base = pca.get(dim) or {"val_mse": math.nan, "probe_auc": math.nan}
-        val_mse = float(err_hold.mean())
+        # Reconstruction MSE, as PCA's: est.score is its negative whatever
+        # the anomaly score is.
+        val_mse = -est.score(split.x_hold)
         row = {
             "role": role,
             "kind": kind,

@@ -183,6 +183,14 @@ default="relu"
           the reconstruction-error norm, added to the histogram surprisal of each
           value (see :mod:`models.density`).
         - ``"reconstruction"``: the mean squared reconstruction error.
+    one_hot_groups : sequence of sequences of int or None, default=None
+        Column indices of each one-hot encoded categorical in ``X`` (like
+        ``categorical_features`` of scikit-learn's gradient boosting). Each
+        group's reconstruction is a softmax over its columns, fitted by
+        cross-entropy (see :meth:`AutoencoderNetwork.reconstruction_loss`); every
+        other column is fitted by squared error. Reported losses, scores and
+        ``inverse_transform`` stay in ``X``'s space. None treats every column
+        as numeric. The pipeline passes its preprocessor's groups.
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
@@ -260,6 +268,7 @@ default="relu"
         "beta": [Interval(Real, 0, None, closed="left")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "score_method": [StrOptions(set(SCORE_METHODS))],
+        "one_hot_groups": [list, tuple, None],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -284,6 +293,7 @@ default="relu"
         beta: float = 1.0,
         contamination: float = 0.01,
         score_method: str = "density",
+        one_hot_groups: Any = None,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
@@ -305,6 +315,7 @@ default="relu"
         self.beta = beta
         self.contamination = contamination
         self.score_method = score_method
+        self.one_hot_groups = one_hot_groups
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -355,6 +366,7 @@ default="relu"
                 self.activation,
                 variational=OBJECTIVES[self.kind].variational,
                 code_activation=OBJECTIVES[self.kind].code_activation,
+                one_hot_groups=self._checked_groups(n_features),
             )
         network.to(device)
 
@@ -401,6 +413,29 @@ default="relu"
             np.int64
         )
         return self
+
+    def _checked_groups(self, n_features: int) -> list[list[int]]:
+        """``one_hot_groups`` as lists of ints; a ValueError if they do not fit X."""
+        if self.one_hot_groups is None:
+            return []
+        groups: list[list[int]] = []
+        seen: set[int] = set()
+        for group in self.one_hot_groups:
+            columns = [int(i) for i in group]
+            if len(columns) < 2:
+                raise ValueError(
+                    f"one_hot_groups: each group needs 2 or more columns, got {group!r}"
+                )
+            bad = [i for i in columns if not 0 <= i < n_features]
+            if bad:
+                raise ValueError(
+                    f"one_hot_groups: column {bad[0]} is outside 0..{n_features - 1}"
+                )
+            if seen.intersection(columns) or len(set(columns)) < len(columns):
+                raise ValueError("one_hot_groups: a column is in more than one group")
+            seen.update(columns)
+            groups.append(columns)
+        return groups
 
     def _checked_hidden(self) -> tuple[int, ...]:
         hidden = tuple(self.hidden)
@@ -879,6 +914,10 @@ default="relu"
         params = self.get_params(deep=False)
         params.pop("epoch_callback")
         params["hidden"] = [int(h) for h in params["hidden"]]
+        if params["one_hot_groups"] is not None:
+            params["one_hot_groups"] = [
+                [int(i) for i in g] for g in params["one_hot_groups"]
+            ]
         random_state = params["random_state"]
         # A RandomState instance has no JSON form; the fitted weights do not need it.
         params["random_state"] = (

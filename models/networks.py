@@ -64,6 +64,11 @@ class AutoencoderNetwork(nn.Module):
     code_activation : {"relu"} or None, default=None
         Activation applied to the (non-variational) code, e.g. ReLU so that a
         sparse autoencoder's zeros are exact zeros.
+    one_hot_groups : sequence of sequences of int, default=()
+        Output columns that one-hot encode one categorical each. The
+        reconstruction of a group is a softmax over its columns (a probability
+        per category, summing to 1) and training fits it by cross-entropy;
+        every other column stays a linear output fitted by squared error.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class AutoencoderNetwork(nn.Module):
         activation: str = "relu",
         variational: bool = False,
         code_activation: str | None = None,
+        one_hot_groups: Sequence[Sequence[int]] = (),
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -92,6 +98,14 @@ class AutoencoderNetwork(nn.Module):
         self.activation = activation
         self.variational = bool(variational)
         self.code_activation = code_activation
+        self.one_hot_groups = tuple(tuple(int(i) for i in g) for g in one_hot_groups)
+        # Index buffers follow the module to its device; they are rebuilt from
+        # the config, so they stay out of the state_dict.
+        grouped = {i for g in self.one_hot_groups for i in g}
+        plain = [i for i in range(self.n_features) if i not in grouped]
+        self.register_buffer("plain_columns", _columns(plain), persistent=False)
+        for i, group in enumerate(self.one_hot_groups):
+            self.register_buffer(f"group_{i}", _columns(group), persistent=False)
 
         code_width = 2 * self.latent_dim if self.variational else self.latent_dim
         encoder = _mlp((self.n_features, *self.hidden, code_width), activation)
@@ -113,6 +127,7 @@ class AutoencoderNetwork(nn.Module):
             "activation": self.activation,
             "variational": self.variational,
             "code_activation": self.code_activation,
+            "one_hot_groups": [list(g) for g in self.one_hot_groups],
         }
 
     @classmethod
@@ -139,11 +154,51 @@ class AutoencoderNetwork(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction of shape (n, n_features) from codes (n, latent_dim)."""
-        return self.decoder(z)
+        return self._activate_groups(self.decoder(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction ``decode(encode(x))``, shape (n, n_features)."""
-        return self.decoder(self.encode(x))
+        return self.decode(self.encode(x))
+
+    def reconstruction_loss(
+        self, z: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss of decoding ``z`` towards ``target``, and its pure MSE.
+
+        Both are averaged over rows and features. Without one-hot groups they
+        are the same tensor. With them, a group's share of the training loss is
+        its cross-entropy instead of its squared error: the squared error of a
+        softmax barely moves while the category is wrong (its gradient vanishes
+        with the probability), so plain MSE training leaves a many-valued
+        categorical unreconstructed; cross-entropy is a proper score for the
+        same probabilities, so both losses are minimised by the same
+        reconstruction.
+        """
+        raw = self.decoder(z)
+        if not self.one_hot_groups:
+            mse = (raw - target).square().mean()
+            return mse, mse
+        recon = self._activate_groups(raw)
+        mse = (recon - target).square().mean()
+        plain = raw.index_select(1, self.plain_columns) - target.index_select(
+            1, self.plain_columns
+        )
+        total = plain.square().sum(dim=1)
+        for index in self._group_indices():
+            logp = torch.log_softmax(raw.index_select(1, index), dim=1)
+            total = total - (logp * target.index_select(1, index)).sum(dim=1)
+        return total.mean() / self.n_features, mse
+
+    def _group_indices(self) -> list[torch.Tensor]:
+        return [getattr(self, f"group_{i}") for i in range(len(self.one_hot_groups))]
+
+    def _activate_groups(self, raw: torch.Tensor) -> torch.Tensor:
+        out = raw
+        for index in self._group_indices():
+            out = out.index_copy(
+                1, index, torch.softmax(raw.index_select(1, index), dim=1)
+            )
+        return out
 
     def infer_encode(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`encode` for inference: same values, fewer memory passes.
@@ -158,7 +213,14 @@ class AutoencoderNetwork(nn.Module):
 
     def infer_decode(self, z: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` for inference (see :meth:`infer_encode`)."""
-        return _run_inplace(self.decoder, z)
+        out = _run_inplace(self.decoder, z)
+        for index in self._group_indices():
+            out.index_copy_(1, index, torch.softmax(out.index_select(1, index), dim=1))
+        return out
+
+
+def _columns(indices: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(indices), dtype=torch.long)
 
 
 def _run_inplace(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from models.networks import AutoencoderNetwork, encode_with_jacobian
 
@@ -45,9 +44,9 @@ class Objective:
         batch: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training objective and its pure reconstruction-MSE part for one batch."""
-        recon = F.mse_loss(network.decode(network.encode(batch)), batch)
-        return recon, recon
+        """Training objective and its pure reconstruction-MSE part for one batch
+        (see :meth:`AutoencoderNetwork.reconstruction_loss`)."""
+        return network.reconstruction_loss(network.encode(batch), batch)
 
 
 class DenoisingObjective(Objective):
@@ -63,8 +62,8 @@ class DenoisingObjective(Objective):
         noise = torch.randn(
             batch.shape, generator=generator, device=batch.device, dtype=batch.dtype
         )
-        recon = F.mse_loss(network(batch + weights.noise_std * noise), batch)
-        return recon, recon
+        noisy = batch + weights.noise_std * noise
+        return network.reconstruction_loss(network.encode(noisy), batch)
 
 
 class SparseObjective(Objective):
@@ -80,9 +79,9 @@ class SparseObjective(Objective):
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         code = network.encode(batch)
-        recon = F.mse_loss(network.decode(code), batch)
+        fit, recon = network.reconstruction_loss(code, batch)
         penalty = code.abs().sum(dim=1).mean()
-        return recon + weights.sparsity_weight * penalty, recon
+        return fit + weights.sparsity_weight * penalty, recon
 
 
 class ContractiveObjective(Objective):
@@ -96,8 +95,8 @@ class ContractiveObjective(Objective):
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         code, jac_sq = encode_with_jacobian(network, batch)
-        recon = F.mse_loss(network.decode(code), batch)
-        return recon + weights.contractive_weight * jac_sq.mean(), recon
+        fit, recon = network.reconstruction_loss(code, batch)
+        return fit + weights.contractive_weight * jac_sq.mean(), recon
 
 
 class VariationalObjective(Objective):
@@ -116,9 +115,10 @@ class VariationalObjective(Objective):
         eps = torch.randn(
             mu.shape, generator=generator, device=mu.device, dtype=mu.dtype
         )
-        recon = F.mse_loss(network.decode(mu + eps * torch.exp(0.5 * logvar)), batch)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        fit, recon = network.reconstruction_loss(z, batch)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
-        return recon + (weights.beta / batch.shape[1]) * kl, recon
+        return fit + (weights.beta / batch.shape[1]) * kl, recon
 
 
 #: Every autoencoder kind, in the order the docs and the config list them.

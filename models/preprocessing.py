@@ -552,6 +552,13 @@ class TabularPreprocessor:
         self.feature_names_out_ = names
         self.feature_sources_ = sources
 
+    def one_hot_groups(self) -> list[list[int]]:
+        """Output column indices of each categorical's one-hot block, in order."""
+        return [
+            [j for j, source in enumerate(self.feature_sources_) if source == name]
+            for name in self.categorical
+        ]
+
     # -- transforming ---------------------------------------------------------
     @property
     def input_columns(self) -> list[str]:

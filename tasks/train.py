@@ -154,7 +154,10 @@ def train_model(
         family = get_family(kind)
     except UnknownFamilyError as exc:
         raise ConfigError(str(exc)) from None
-    est = family.build({**estimator_params, "kind": kind}, epoch_callback)
+    build_params = {**estimator_params, "kind": kind}
+    if "one_hot_groups" in family.settings:
+        build_params["one_hot_groups"] = pre.one_hot_groups()
+    est = family.build(build_params, epoch_callback)
     t0 = time.perf_counter()
     est.fit(x_train)
     fit_seconds = time.perf_counter() - t0

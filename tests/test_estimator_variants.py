@@ -198,3 +198,73 @@ def test_vae_samples_match_training_marginals(
     ratio = (samples.var(axis=0) + residual) / X.var(axis=0)
     assert np.all((ratio > 0.65) & (ratio < 1.15)), ratio
     assert np.all(samples.var(axis=0) < 1.1 * X.var(axis=0))
+
+
+def _numbers_and_a_category(n: int, seed: int) -> np.ndarray:
+    """Six numeric columns on a 2-D plane, then a 12-way one-hot independent of
+    them: its columns carry little variance each, as a wind direction does."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(5).normal(size=(2, 6))
+    numbers = rng.normal(size=(n, 2)) @ mix + 0.1 * rng.normal(size=(n, 6))
+    category = np.eye(12)[rng.integers(0, 12, n)]
+    return np.hstack([numbers, category]).astype(np.float32)
+
+
+def test_one_hot_groups_reconstruct_the_category_squared_error_leaves_out() -> None:
+    X, held = _numbers_and_a_category(1500, 0), _numbers_and_a_category(500, 1)
+    group = list(range(6, 18))
+    errors = {}
+    for groups in (None, [group]):
+        est = _fit(
+            X,
+            latent_dim=3,
+            hidden=(32,),
+            epochs=30,
+            batch_size=128,
+            lr=5e-3,
+            one_hot_groups=groups,
+        )
+        recon = est.inverse_transform(est.transform(held))
+        errors[groups is not None] = (recon - held) ** 2
+        if groups:
+            # A group's reconstruction is a distribution over its categories.
+            assert recon[:, group].min() >= 0
+            np.testing.assert_allclose(recon[:, group].sum(axis=1), 1.0, rtol=1e-5)
+            # ... and the reported loss is the plain MSE in X's space.
+            assert -est.score(held) == pytest.approx(errors[True].mean(), rel=1e-4)
+    category = {k: e[:, 6:].sum(axis=1).mean() for k, e in errors.items()}
+    assert category[True] < 0.75 * category[False]
+    assert errors[True].mean() < 0.8 * errors[False].mean()
+
+
+def test_reconstruction_loss_is_squared_error_plus_cross_entropy() -> None:
+    net = AutoencoderNetwork(5, 2, (4,), one_hot_groups=[[2, 3, 4]])
+    x = torch.tensor([[0.5, -1.0, 0.0, 1.0, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0]])
+    with torch.no_grad():
+        z = net.encode(x)
+        fit, mse = net.reconstruction_loss(z, x)
+        raw = net.decoder(z)
+    expected = (raw[:, :2] - x[:, :2]).square().sum(dim=1) - (
+        torch.log_softmax(raw[:, 2:], dim=1) * x[:, 2:]
+    ).sum(dim=1)
+    assert float(fit) == pytest.approx(float(expected.mean() / 5), rel=1e-6)
+    with torch.no_grad():
+        plain_mse = float((net(x) - x).square().mean())
+    assert float(mse) == pytest.approx(plain_mse, rel=1e-6)
+    with torch.inference_mode():
+        assert torch.allclose(net.infer_decode(net.infer_encode(x)), net(x))
+
+
+@pytest.mark.parametrize(
+    ("groups", "words"),
+    [
+        ([[0]], "2 or more columns"),
+        ([[0, 9]], "column 9 is outside 0..5"),
+        ([[0, 1], [1, 2]], "more than one group"),
+    ],
+)
+def test_bad_one_hot_groups_fail_in_one_line(groups: list, words: str) -> None:
+    X = np.random.default_rng(0).normal(size=(50, 6))
+    with pytest.raises(ValueError, match=words) as info:
+        AutoencoderReducer(epochs=1, one_hot_groups=groups).fit(X)
+    assert "\n" not in str(info.value)

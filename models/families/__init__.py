@@ -31,6 +31,11 @@ LEGACY_FAMILY = "ae"
 #: Settings that say how to run a model, not which model it is.
 RUN_SETTINGS = frozenset({"device", "verbose", "epoch_callback"})
 
+#: Settings the trainer derives from the preprocessed layout (which columns
+#: one-hot encode one categorical), never from the config: the same config on
+#: the same columns gives the same values, so they never decide a retrain.
+DERIVED_SETTINGS = frozenset({"one_hot_groups"})
+
 _F = TypeVar("_F", bound=type)
 
 
@@ -41,7 +46,11 @@ def model_params(settings: Mapping[str, Any], n_clusters: int | None) -> dict[st
     saved champion's are both made here, so they compare like for like (any
     difference retrains).
     """
-    params = {k: v for k, v in settings.items() if k not in RUN_SETTINGS}
+    params = {
+        k: v
+        for k, v in settings.items()
+        if k not in RUN_SETTINGS and k not in DERIVED_SETTINGS
+    }
     params["n_clusters"] = n_clusters
     return params
 

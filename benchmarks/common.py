@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from flows.config import PRESETS, PipelineConfig
+from flows.config import PRESETS, PipelineConfig, resolve_pca_axes
 from models.preprocessing import TabularPreprocessor
 from models.schema import TableSchema
 from tasks.ingest import ingest
@@ -55,6 +55,11 @@ def default_estimator_params(**overrides: Any) -> dict[str, Any]:
     params["hidden"] = tuple(params["hidden"])
     params["device"] = "cpu"
     params.update(overrides)
+    if "pca_axes" in params and "pca_axes" not in overrides:
+        # The config's default, for the kind and latent size asked for.
+        params["pca_axes"] = resolve_pca_axes(
+            None, params["latent_dim"], params["kind"]
+        )
     return params
 
 

@@ -57,6 +57,7 @@ from benchmarks.common import (
     timed,
     write_json,
 )
+from flows.config import resolve_pca_axes
 from models.estimator import KINDS, AutoencoderReducer
 from models.schema import TableSchema
 from tasks.train import probe_auc
@@ -162,7 +163,12 @@ def representation_section(
     ]
     for kind in settings.kinds:
         for dim in settings.dims:
-            params = {**sweep, "kind": kind, "latent_dim": dim}
+            params = {
+                **sweep,
+                "kind": kind,
+                "latent_dim": dim,
+                "pca_axes": resolve_pca_axes(None, dim, kind),
+            }
             if params == defaults:
                 continue  # already fitted as the default row
             jobs.append(("sweep", kind, dim, params))

@@ -150,6 +150,24 @@ class DataSection(BaseModel):
         return v
 
 
+#: Kinds whose code is plain (no variational posterior, no code activation),
+#: so some of its axes can be principal components.
+PCA_AXES_KINDS = frozenset({"ae", "denoising", "contractive"})
+
+
+def resolve_pca_axes(value: int | None, latent_dim: int, kind: str) -> int:
+    """The principal axes a model gets: ``value``, or by default half the
+    latent (rounded up) for the plain kinds and none for the others.
+
+    Half: measured on weatherAUS, the leading components keep most of what a
+    linear model reads from PCA's code (docs/models.md), and the learned half
+    carries what a linear projection misses.
+    """
+    if value is None:
+        return (latent_dim + 1) // 2 if kind in PCA_AXES_KINDS else 0
+    return value
+
+
 class ModelSection(BaseModel):
     """The model family, its shape and its training."""
 
@@ -161,6 +179,14 @@ class ModelSection(BaseModel):
         json_schema_extra=_kind_schema,
     )
     latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
+    pca_axes: int | None = Field(
+        None,
+        ge=0,
+        le=128,
+        description="Latent axes that are the leading principal components"
+        " (empty: half the latent, rounded up, for the plain kinds; 0 for the"
+        " others)",
+    )
     # Defaults measured on weatherAUS (2 CPU cores): ~45 s of training, holdout MSE
     # about 0.55x PCA(8); see benchmarks/quality.py.
     epochs: int = Field(80, ge=1, le=1000, description="Most training epochs")
@@ -207,6 +233,18 @@ class ModelSection(BaseModel):
                 f"unknown model family {v!r}; registered: {', '.join(names)}"
             )
         return v
+
+    @model_validator(mode="after")
+    def _pca_axes_fit(self) -> ModelSection:
+        n = self.pca_axes
+        if n is not None and n > self.latent_dim:
+            raise ValueError(f"pca_axes {n} is more than latent_dim {self.latent_dim}")
+        if n and self.kind not in PCA_AXES_KINDS:
+            raise ValueError(
+                f"pca_axes needs a plain code; kind {self.kind!r} has none (use"
+                f" one of {', '.join(sorted(PCA_AXES_KINDS))}, or pca_axes 0)"
+            )
+        return self
 
     @field_validator("hidden")
     @classmethod
@@ -474,6 +512,10 @@ class PipelineConfig(BaseModel):
         fields = self.flat()
         params = {n: fields[n] for n in settings if n in fields}
         params["kind"] = self.model.kind
+        if "pca_axes" in params:
+            params["pca_axes"] = resolve_pca_axes(
+                params["pca_axes"], self.model.latent_dim, self.model.kind
+            )
         return params
 
     def model_params(self) -> dict[str, Any]:

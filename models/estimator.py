@@ -95,6 +95,28 @@ def _rows_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(rows).to(device)
 
 
+def principal_axes(X: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (d,) and the ``k`` leading principal directions (k, d) of ``X``.
+
+    From the float64 covariance (d x d, cheap for tabular widths), each
+    direction's sign fixed so its largest entry is positive: the same rows
+    give the same axes on every machine.
+    """
+    mean = X.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((X.shape[1], X.shape[1]))
+    for start in range(0, X.shape[0], 65_536):
+        block = X[start : start + 65_536].astype(np.float64) - mean
+        cov += block.T @ block
+    _, vectors = np.linalg.eigh(cov)
+    top = vectors[:, ::-1][:, :k].T
+    signs = np.sign(top[np.arange(k), np.abs(top).argmax(axis=1)])
+    top = top * np.where(signs == 0, 1.0, signs)[:, None]
+    return (
+        torch.from_numpy(mean.astype(np.float32)),
+        torch.from_numpy(np.ascontiguousarray(top, dtype=np.float32)),
+    )
+
+
 def _first_line(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -191,6 +213,13 @@ default="relu"
         other column is fitted by squared error. Reported losses, scores and
         ``inverse_transform`` stay in ``X``'s space. None treats every column
         as numeric. The pipeline passes its preprocessor's groups.
+    pca_axes : int, default=0
+        How many code axes are the training rows' leading principal components
+        (fixed, as PCA would give them); the network learns the other
+        ``latent_dim - pca_axes`` and decodes from all of them. The code then
+        keeps what PCA's keeps for a linear model downstream, and the learned
+        axes add what a linear projection misses. Only for the kinds with a
+        plain code (``"ae"``, ``"denoising"``, ``"contractive"``).
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
@@ -269,6 +298,7 @@ default="relu"
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "score_method": [StrOptions(set(SCORE_METHODS))],
         "one_hot_groups": [list, tuple, None],
+        "pca_axes": [Interval(Integral, 0, None, closed="left")],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -294,6 +324,7 @@ default="relu"
         contamination: float = 0.01,
         score_method: str = "density",
         one_hot_groups: Any = None,
+        pca_axes: int = 0,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
@@ -316,6 +347,7 @@ default="relu"
         self.contamination = contamination
         self.score_method = score_method
         self.one_hot_groups = one_hot_groups
+        self.pca_axes = pca_axes
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -367,7 +399,11 @@ default="relu"
                 variational=OBJECTIVES[self.kind].variational,
                 code_activation=OBJECTIVES[self.kind].code_activation,
                 one_hot_groups=self._checked_groups(n_features),
+                pca_axes=self.pca_axes,
             )
+        if self.pca_axes:
+            train_rows = X if not n_val else X[order[n_val:]]
+            network.set_pca_axes(*principal_axes(train_rows, self.pca_axes))
         network.to(device)
 
         X32 = np.ascontiguousarray(X, dtype=np.float32)

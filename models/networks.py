@@ -69,6 +69,12 @@ class AutoencoderNetwork(nn.Module):
         reconstruction of a group is a softmax over its columns (a probability
         per category, summing to 1) and training fits it by cross-entropy;
         every other column stays a linear output fitted by squared error.
+    pca_axes : int, default=0
+        The first ``pca_axes`` code axes are the input's leading principal
+        components (fixed buffers ``pca_mean``, ``pca_components`` set by the
+        caller before training); the encoder learns only the other
+        ``latent_dim - pca_axes``. Not with a variational code or a code
+        activation.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class AutoencoderNetwork(nn.Module):
         variational: bool = False,
         code_activation: str | None = None,
         one_hot_groups: Sequence[Sequence[int]] = (),
+        pca_axes: int = 0,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -92,12 +99,19 @@ class AutoencoderNetwork(nn.Module):
             )
         if variational and code_activation is not None:
             raise ValueError("a variational code cannot have a code activation")
+        if not 0 <= pca_axes <= latent_dim:
+            raise ValueError(f"pca_axes must be in 0..{latent_dim}, got {pca_axes}")
+        if pca_axes and (variational or code_activation is not None):
+            raise ValueError(
+                "pca_axes needs a plain code (not variational, no code activation)"
+            )
         self.n_features = int(n_features)
         self.latent_dim = int(latent_dim)
         self.hidden = tuple(int(h) for h in hidden)
         self.activation = activation
         self.variational = bool(variational)
         self.code_activation = code_activation
+        self.pca_axes = int(pca_axes)
         self.one_hot_groups = tuple(tuple(int(i) for i in g) for g in one_hot_groups)
         # Index buffers follow the module to its device; they are rebuilt from
         # the config, so they stay out of the state_dict.
@@ -108,7 +122,20 @@ class AutoencoderNetwork(nn.Module):
             self.register_buffer(f"group_{i}", _columns(group), persistent=False)
 
         code_width = 2 * self.latent_dim if self.variational else self.latent_dim
-        encoder = _mlp((self.n_features, *self.hidden, code_width), activation)
+        code_width -= self.pca_axes
+        if self.pca_axes:
+            # Only then: files saved before principal axes existed still load.
+            self.register_buffer("pca_mean", torch.zeros(self.n_features))
+            self.register_buffer(
+                "pca_components", torch.zeros(self.pca_axes, self.n_features)
+            )
+        # Every layer starts with a Linear (see _run_inplace); with no learned
+        # axis left the encoder is just the principal components.
+        encoder = (
+            _mlp((self.n_features, *self.hidden, code_width), activation)
+            if code_width
+            else []
+        )
         if code_activation == "relu":
             encoder.append(nn.ReLU())
         self.encoder = nn.Sequential(*encoder)
@@ -128,6 +155,7 @@ class AutoencoderNetwork(nn.Module):
             "variational": self.variational,
             "code_activation": self.code_activation,
             "one_hot_groups": [list(g) for g in self.one_hot_groups],
+            "pca_axes": self.pca_axes,
         }
 
     @classmethod
@@ -147,10 +175,24 @@ class AutoencoderNetwork(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic code of shape (n, latent_dim); the posterior mean for a VAE."""
-        code = self.encoder(x)
+        code = self.encoder(x) if len(self.encoder) else x[:, :0]
         if self.variational:
             return code[..., : self.latent_dim]
-        return code
+        return self._with_pca_axes(x, code)
+
+    def _with_pca_axes(self, x: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+        if not self.pca_axes:
+            return learned
+        fixed = torch.addmm(
+            -(self.pca_components @ self.pca_mean), x, self.pca_components.t()
+        )
+        return torch.cat([fixed, learned], dim=1) if learned.shape[1] else fixed
+
+    def set_pca_axes(self, mean: torch.Tensor, components: torch.Tensor) -> None:
+        """Fix the principal axes: ``mean`` (n_features,), ``components``
+        (pca_axes, n_features) with orthonormal rows."""
+        self.pca_mean.copy_(mean)
+        self.pca_components.copy_(components)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction of shape (n, n_features) from codes (n, latent_dim)."""
@@ -206,10 +248,10 @@ class AutoencoderNetwork(nn.Module):
         Only under ``torch.inference_mode()`` (it activates in place, which
         autograd would refuse); ``x`` itself is never modified.
         """
-        code = _run_inplace(self.encoder, x)
+        code = _run_inplace(self.encoder, x) if len(self.encoder) else x[:, :0]
         if self.variational:
             return code[..., : self.latent_dim]
-        return code
+        return self._with_pca_axes(x, code)
 
     def infer_decode(self, z: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` for inference (see :meth:`infer_encode`)."""
@@ -296,7 +338,13 @@ def encode_with_jacobian(
     """
     if network.variational or network.code_activation is not None:
         raise ValueError("encode_with_jacobian needs a plain (linear-code) encoder")
+    # The principal axes are linear with orthonormal rows: their Jacobian is
+    # the components themselves, of squared norm pca_axes, and has no gradient.
+    fixed_norm = float(network.pca_axes)
     linears = [m for m in network.encoder if isinstance(m, nn.Linear)]
+    if not linears:
+        code = network.encode(x)
+        return code, torch.full((x.shape[0],), fixed_norm, device=x.device)
     derivative = ACTIVATION_DERIVATIVES[network.activation]
     activation = ACTIVATIONS[network.activation]()
     h = x
@@ -305,8 +353,8 @@ def encode_with_jacobian(
         pre = layer(h)
         slopes.append(derivative(pre))
         h = activation(pre)
-    code = linears[-1](h)
+    code = network._with_pca_axes(x, linears[-1](h))
     jac = linears[-1].weight.expand(x.shape[0], -1, -1)
     for layer, slope in zip(reversed(linears[:-1]), reversed(slopes), strict=True):
         jac = (jac * slope.unsqueeze(1)) @ layer.weight
-    return code, jac.square().sum(dim=(1, 2))
+    return code, jac.square().sum(dim=(1, 2)) + fixed_norm

@@ -71,7 +71,8 @@ def _echo(line: str) -> None:
 
 
 # Targets, stated once so the table and the JSON cannot disagree.
-TARGET_MSE_RATIO = 0.5  # default AE(8) val MSE <= this x PCA(8)
+# The default config's held-out MSE against PCA's at the same latent size.
+TARGET_MSE_RATIO = {8: 0.5, 3: 0.6}
 TARGET_SPEEDUP = 3.0  # per-epoch speed vs PyOD's AutoEncoder, same architecture
 
 COMPASS = (
@@ -157,9 +158,20 @@ def representation_section(
         pca[dim] = {"val_mse": mse, "probe_auc": _probe(split, zt, zh)}
     raw_auc = _probe(split, split.x_train, split.x_hold)
 
-    # The default model first: it is the one the targets judge.
+    # The default config first, at each judged latent size: the targets judge
+    # these, at the full configured budget.
     jobs: list[tuple[str, str, int, dict[str, Any]]] = [
-        ("default", defaults["kind"], defaults["latent_dim"], defaults)
+        (
+            "default",
+            defaults["kind"],
+            dim,
+            {
+                **defaults,
+                "latent_dim": dim,
+                "pca_axes": resolve_pca_axes(None, dim, defaults["kind"]),
+            },
+        )
+        for dim in sorted({*settings.dims, defaults["latent_dim"]})
     ]
     for kind in settings.kinds:
         for dim in settings.dims:
@@ -861,27 +873,28 @@ def _print_report(result: dict[str, Any], echo: Echo) -> None:
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Compare the default model with each target; ``met`` is None if unmeasured."""
     rep = result["representation"]
-    default = next(r for r in rep["models"] if r["role"] == "default")
-    dim = default["latent_dim"]
     targets = []
-    ratio = default["mse_ratio_vs_pca"]
-    targets.append(
-        {
-            "name": f"default AE({dim}) val MSE <= {TARGET_MSE_RATIO} x PCA({dim})",
-            "value": f"{ratio:.3f}x",
-            "goal": f"<= {TARGET_MSE_RATIO}x",
-            "met": bool(ratio <= TARGET_MSE_RATIO),
-        }
-    )
-    auc, pca_auc = default["probe_auc"], default["pca_probe_auc"]
-    targets.append(
-        {
-            "name": f"default AE({dim}) probe AUC >= PCA({dim})",
-            "value": f"{auc:.4f}",
-            "goal": f">= {pca_auc:.4f}",
-            "met": None if math.isnan(auc) else bool(auc >= pca_auc),
-        }
-    )
+    for default in (r for r in rep["models"] if r["role"] == "default"):
+        dim = default["latent_dim"]
+        ratio, goal = default["mse_ratio_vs_pca"], TARGET_MSE_RATIO.get(dim)
+        if goal is not None:
+            targets.append(
+                {
+                    "name": f"default AE({dim}) val MSE <= {goal} x PCA({dim})",
+                    "value": f"{ratio:.3f}x",
+                    "goal": f"<= {goal}x",
+                    "met": bool(ratio <= goal),
+                }
+            )
+        auc, pca_auc = default["probe_auc"], default["pca_probe_auc"]
+        targets.append(
+            {
+                "name": f"default AE({dim}) probe AUC >= PCA({dim})",
+                "value": f"{auc:.4f}",
+                "goal": f">= {pca_auc:.4f}",
+                "met": None if math.isnan(auc) else bool(auc >= pca_auc),
+            }
+        )
     for ds in result["anomaly"]["datasets"]:
         by = {r["detector"]: r["roc_auc"] for r in ds["detectors"]}
         ours, iso = by.get("latentflow default", math.nan), by["IsolationForest"]

@@ -61,11 +61,12 @@ def test_quality_benchmark_runs_end_to_end(
     saved = json.loads(out.read_text())
     assert saved["seed"] == result["seed"]
     models = saved["representation"]["models"]
-    # The default model plus every kind at every size (the default is not refitted
-    # when the sweep's settings equal it).
+    # The default config at every judged size plus its own, then every kind at
+    # every size (the default is not refitted when the sweep's settings equal it).
     kinds = {(m["kind"], m["latent_dim"]) for m in models if m["role"] == "sweep"}
     assert {k for k, _ in kinds} == set(quality.KINDS)
-    assert sum(m["role"] == "default" for m in models) == 1
+    defaults = sorted(m["latent_dim"] for m in models if m["role"] == "default")
+    assert defaults == [2, 3, 8]
     for m in models:
         assert m["epochs_run"] <= 2
         assert m["val_mse"] > 0 and math.isfinite(m["mse_ratio_vs_pca"])

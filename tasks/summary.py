@@ -38,8 +38,15 @@ def run_summary(
     model: ChosenModel,
     scored: ScoreResult,
     drift: DriftReport | None = None,
+    links: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The run's one JSON line (the CLI prints it; the flow returns it)."""
+    """The run's one JSON line (the CLI prints it; the flow returns it).
+
+    ``decision`` is the run's outcome in the one vocabulary used everywhere
+    (JSON, logs, artifacts, MLflow tags, docs): ``reuse``, ``promote`` or
+    ``keep_champion``. ``links`` are the MLflow UI links of the night's run
+    and of the scoring model version.
+    """
     gate_reason = f"; {model.gate_reason}" if model.gate_reason else ""
     summary: dict[str, Any] = {
         "dataset": run.dataset,
@@ -51,11 +58,13 @@ def run_summary(
         "trained": decision.action == "train",
         "decision": model.outcome,
         "reason": decision.reason + gate_reason,
+        "promote_override": model.override,
         "model_name": run.model_name,
         "model_version": model.version,
         "mlflow_run_id": model.run_id,
         "output": scored.output_dir,
     }
+    summary.update(links or {})
     if drift is not None:
         summary["drift"] = drift_summary(drift)
     return summary

@@ -76,7 +76,7 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
     assert s3["trained"] and s3["reason"].startswith("forced")
     assert s3["decision"] == "keep_champion" and s3["model_version"] == 1
     v2 = client.get_model_version("weatheraus-autoencoder", "2")
-    assert v2.tags["decision"] == "rejected"
+    assert v2.tags["decision"] == "keep_champion"
     assert float(v2.tags["challenger_holdout_mse"]) > 0
     assert float(v2.tags["champion_holdout_mse"]) > 0
     mv = client.get_model_version_by_alias("weatheraus-autoencoder", "champion")
@@ -85,7 +85,7 @@ def test_train_then_reuse_then_retrain(prefect_harness, small_csv, tmp_path):
     s4 = run(small_csv, data, run_date=D2, retrain=True, latent_dim=8, epochs=12)
     assert s4["decision"] == "promote" and s4["model_version"] == 3
     mv = client.get_model_version_by_alias("weatheraus-autoencoder", "champion")
-    assert int(mv.version) == 3 and mv.tags["decision"] == "promoted"
+    assert int(mv.version) == 3 and mv.tags["decision"] == "promote"
     # The earlier date's partition is untouched by a later date's run.
     pd.testing.assert_frame_equal(read_latent(s1), out)
 

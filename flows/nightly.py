@@ -87,6 +87,7 @@ from tasks.score import (
     ScoreResult,
     commit_scores_task,
     plan_score_task,
+    read_metadata,
     score_task,
     score_unit_task,
 )
@@ -377,6 +378,9 @@ def measure(
         error_median_ratio=None if drift is None else drift.error_median_ratio,
         error_p99_ratio=None if drift is None else drift.error_p99_ratio,
         promote_override=model.override,
+        latent_space_id=read_metadata(Path(scored.staged_dir or scored.output_dir)).get(
+            "latentflow.latent_space_id", ""
+        ),
         seconds=clock.total(),
     )
 

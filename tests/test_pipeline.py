@@ -145,6 +145,7 @@ def _trusted_outputs(data, s1, out: pd.DataFrame) -> None:
     assert row["rows_in"] == s1["rows_in"] and row["anomalies"] == s1["anomalies"]
     assert row["recon_error_p50"] < row["recon_error_p99"] <= row["recon_error_max"]
     assert dict(row["seconds"])["total"] > dict(row["seconds"])["train"] > 0
+    assert row["latent_space_id"] == meta["latentflow.latent_space_id"]
 
 
 def _night_recorded(client, summary, decision: str, fit_seconds: float = 0.0):

@@ -58,11 +58,12 @@ def run_summary(
         "trained": decision.action == "train",
         "decision": model.outcome,
         "reason": decision.reason + gate_reason,
-        "promote_override": model.override,
         "model_name": run.model_name,
         "model_version": model.version,
         "mlflow_run_id": model.run_id,
         "output": scored.output_dir,
+        # New keys go last: the line's order is part of its contract.
+        "promote_override": model.override,
     }
     summary.update(links or {})
     if drift is not None:

@@ -144,6 +144,30 @@ def test_flagged_rows_explain_the_planted_column(trained, tmp_path):
     assert np.median(scores[len(planted) :]) == pytest.approx(0.5, abs=0.2)
 
 
+def test_a_fixed_anomaly_score_cut_flags_by_percentile(trained, tmp_path):
+    tmp = trained[0]
+    src = tmp / "ingested"
+    result = score_partition(
+        src,
+        tmp / "b1",
+        tmp_path,
+        "d",
+        DAY,
+        Provenance("m", 1, "r", "h"),
+        anomaly_cut=0.9,
+    )
+    out = pq.read_table(result.output_dir)
+    flags = out.column("is_anomaly").to_numpy(zero_copy_only=False)
+    pct = out.column("anomaly_score").to_numpy()
+    np.testing.assert_array_equal(flags, pct > 0.9)
+    # About a tenth of the training rows lie above their 90th percentile.
+    assert 0.05 < flags.mean() < 0.15
+    assert read_metadata(Path(result.output_dir))["latentflow.flag_rule"] == (
+        "anomaly_score > 0.9"
+    )
+    assert out.column("explanation").null_count == out.num_rows - flags.sum()
+
+
 def test_pyfunc_output_carries_anomaly_score_and_explanation(trained):
     tmp, table, _ = trained
     planted, where = _planted(table, np.random.default_rng(4))

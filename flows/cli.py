@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retrain", action="store_true", default=None, help="force training"
     )
+    run.add_argument(
+        "--promote",
+        action="store_true",
+        default=None,
+        help="train a challenger and promote it whatever the gate says",
+    )
     run.add_argument("--latent-dim", type=int, help="size of the latent code")
     run.add_argument(
         "--kind", help="model family, e.g. ae or vae (docs/models.md lists them)"
@@ -180,6 +186,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": args.data_dir,
         "run_date": args.run_date,
         "retrain": args.retrain,
+        "promote": args.promote,
         "latent_dim": args.latent_dim,
         "kind": args.kind,
         "epochs": args.epochs,

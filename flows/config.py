@@ -49,12 +49,16 @@ UNHASHED_FIELDS = frozenset(
     {
         "run_date",
         "retrain",
+        "promote",
         "lock_wait_seconds",
         "runner",
         "dask_address",
         "dask_workers",
     }
 )
+
+#: Fields added later, hashed only when set: an unset one changes no hash.
+HASHED_WHEN_SET = frozenset({"anomaly_score_threshold"})
 
 DEFAULT_DATA_DIR = "latentflow-data"
 
@@ -193,6 +197,13 @@ class ModelSection(BaseModel):
     contamination: float = Field(
         0.01, gt=0, le=0.5, description="Expected share of anomalies; sets threshold"
     )
+    anomaly_score_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Flag rows whose anomaly_score (training percentile) exceeds"
+        " this, instead of the model's contamination threshold; no retrain",
+    )
     hidden: tuple[int, ...] = Field(
         (128, 64), description="Encoder hidden layer widths (decoder mirrors them)"
     )
@@ -261,6 +272,11 @@ class PolicySection(BaseModel):
 
     retrain: bool = Field(
         False, description="Train a new model even if one is reusable"
+    )
+    promote: bool = Field(
+        False,
+        description="Operator override: train a challenger and promote it"
+        " whatever the gate says (recorded in its tags and the summary)",
     )
     max_model_age_days: int = Field(
         7, ge=0, le=3650, description="Older champions are retrained"
@@ -528,7 +544,9 @@ class PipelineConfig(BaseModel):
         Over the flat fields, so grouping them into sections changed no hash.
         """
         payload = {
-            k: v for k, v in self.flat("json").items() if k not in UNHASHED_FIELDS
+            k: v
+            for k, v in self.flat("json").items()
+            if k not in UNHASHED_FIELDS and not (k in HASHED_WHEN_SET and v is None)
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

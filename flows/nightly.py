@@ -20,6 +20,8 @@ that fails before it publishes nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import RunType
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
@@ -57,6 +60,7 @@ from tasks.ingest.parts import (
     needs_typing,
     reference_part,
 )
+from tasks.metrics import RunMetrics, stage_metrics_task
 from tasks.partitions import (
     DEFAULT_UNIT_ROWS,
     RunOutputs,
@@ -67,13 +71,15 @@ from tasks.partitions import (
     scratch_dir,
 )
 from tasks.registry import (
+    TAG_FLOW_RUN_URL,
     RegisteredVersion,
     find_champion_task,
     promote_task,
+    record_run_task,
     register_task,
     tag_version_task,
 )
-from tasks.report import publish_report, worst_features_task
+from tasks.report import drift_rows, publish_plots, publish_report, top_anomalies_task
 from tasks.roles import IngestRoles
 from tasks.run_target import RunTarget
 from tasks.score import (
@@ -81,6 +87,7 @@ from tasks.score import (
     ScoreResult,
     commit_scores_task,
     plan_score_task,
+    read_metadata,
     score_task,
     score_unit_task,
 )
@@ -112,22 +119,49 @@ def _run_name() -> str:
 def nightly(config: PipelineConfig) -> dict[str, Any]:
     """Turn a tabular file into latent features, reconstruction errors and flags."""
     cfg = config.resolved()
+    clock = Clock()
     run, sources = preflight(cfg)
     with run_guards(cfg, run, sources) as (scope, outputs):
         champion = find_champion(run)
-        ingested = ingest(cfg, run, scope, outputs)
-        drift, decision = decide(cfg, run, ingested, champion)
-        model = train_or_reuse(cfg, run, ingested, champion, decision)
-        scored = score(cfg, run, scope, ingested, model, outputs)
+        ingested = clock.step("ingest", ingest(cfg, run, scope, outputs))
+        drift, decision = clock.step("decide", decide(cfg, run, ingested, champion))
+        model = clock.step(
+            "train", train_or_reuse(cfg, run, ingested, champion, decision, clock)
+        )
+        scored = clock.step("score", score(cfg, run, scope, ingested, model, outputs))
+        night = measure(cfg, run, ingested, decision, model, scored, drift, clock)
+        stage_night(run, night, outputs)
         ingested = publish(run, ingested, outputs)
+    links = record(run, ingested, decision, model, night, clock)
     summary = summarize_task.with_options(task_run_name=f"summarize-{run.tag}")(
-        run, ingested, decision, model, scored, drift
+        run, ingested, decision, model, scored, drift, links
     )
-    report(run, ingested, scored, model, summary)
+    get_run_logger().info("decision: %s (%s)", summary["decision"], summary["reason"])
+    report(run, ingested, scored, summary, drift)
     return summary
 
 
 # -- the steps, in the order the flow runs them ---------------------------------
+
+
+class Clock:
+    """When the run started, and each step's wall seconds (the metrics
+    partition's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.started_ms = int(time.time() * 1000)
+        self._t0 = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def step(self, name: str, value: Any) -> Any:
+        """Record the time since the previous step as ``name``'s; returns ``value``."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+        return value
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self._t0, 3)}
 
 
 def preflight(cfg: PipelineConfig) -> tuple[RunTarget, list[Path]]:
@@ -200,6 +234,7 @@ def ingest(
             max_reject_fraction=limit,
             publish=False,
         )
+        ingested = unlinked(ingested)
     else:
         ingested = ingest_task.with_options(task_run_name=f"ingest-{run.tag}")(
             source,
@@ -232,7 +267,7 @@ def decide(
         ingested.schema,
         now,
         policy.max_model_age_days,
-        policy.retrain,
+        policy.retrain or policy.promote,
         params,
     ):
         drift = measure_drift_task.with_options(task_run_name=f"drift-{run.tag}")(
@@ -247,13 +282,19 @@ def decide(
         ingested.schema,
         now,
         policy.max_model_age_days,
-        policy.retrain,
+        # --promote needs a challenger to promote.
+        policy.retrain or policy.promote,
         drift=drift,
         max_drifted_features=policy.max_drifted_features,
         max_error_ratio=policy.max_error_ratio,
         params=params,
     )
-    get_run_logger().info("decision: %s (%s)", decision.action, decision.reason)
+    # The run's decision (reuse, promote, keep_champion) is logged once known;
+    # this step only says whether a challenger is trained.
+    if decision.action == "train":
+        get_run_logger().info("training a challenger: %s", decision.reason)
+    else:
+        get_run_logger().info("reusing the champion: %s", decision.reason)
     return drift, decision
 
 
@@ -263,11 +304,13 @@ def train_or_reuse(
     ingested: IngestResult,
     champion: ChampionInfo | None,
     decision: Decision,
+    clock: Clock,
 ) -> ChosenModel:
     """The model that scores the run: the champion, or the challenge's winner."""
     if decision.action == "reuse" and champion is not None:
         return ChosenModel.reused(champion)
-    return challenge(cfg, run, ingested, champion, decision.reason)
+    chosen = challenge(cfg, run, ingested, champion, decision.reason, clock.started_ms)
+    return unlinked(chosen)
 
 
 def score(
@@ -292,16 +335,132 @@ def score(
         provenance,
     )
     batch_rows = cfg.execution.score_batch_rows
+    cut = cfg.model.anomaly_score_threshold
     if scope.parallel:
         scored = score_partitioned.with_options(task_runner=scope.task_runner())(
-            *where, tag=run.tag, batch_rows=batch_rows, publish=False
+            *where, tag=run.tag, batch_rows=batch_rows, publish=False, anomaly_cut=cut
         )
+        scored = unlinked(scored)
     else:
         scored = score_task.with_options(task_run_name=f"score-{run.tag}")(
-            *where, batch_rows=batch_rows, publish=False
+            *where, batch_rows=batch_rows, publish=False, anomaly_cut=cut
         )
     outputs.add("latent", scored.staged_dir)
     return scored
+
+
+def measure(
+    cfg: PipelineConfig,
+    run: RunTarget,
+    ingested: IngestResult,
+    decision: Decision,
+    model: ChosenModel,
+    scored: ScoreResult,
+    drift: DriftReport | None,
+    clock: Clock,
+) -> RunMetrics:
+    """The night in numbers: what the metrics partition and MLflow record."""
+    gate = f"; {model.gate_reason}" if model.gate_reason else ""
+    return RunMetrics(
+        dataset=run.dataset,
+        rows_in=ingested.rows_in,
+        rows_rejected=ingested.rows_rejected,
+        rows_scored=scored.rows_scored,
+        anomalies=scored.anomalies,
+        recon_error_mean=scored.recon_error_mean,
+        score_quantiles=scored.score_quantiles,
+        decision=model.outcome,
+        reason=decision.reason + gate,
+        model_name=run.model_name,
+        model_version=model.version,
+        psi=None if drift is None else dict(drift.psi),
+        drifted=None if drift is None else list(drift.drifted),
+        error_median_ratio=None if drift is None else drift.error_median_ratio,
+        error_p99_ratio=None if drift is None else drift.error_p99_ratio,
+        promote_override=model.override,
+        latent_space_id=read_metadata(Path(scored.staged_dir or scored.output_dir)).get(
+            "latentflow.latent_space_id", ""
+        ),
+        seconds=clock.total(),
+    )
+
+
+def stage_night(run: RunTarget, night: RunMetrics, outputs: RunOutputs) -> None:
+    """Stage the metrics partition: published with the run date's others."""
+    staged = stage_metrics_task.with_options(task_run_name=f"metrics-{run.tag}")(
+        run.data_dir, run.dataset, run.run_date, night
+    )
+    outputs.add("metrics", staged)
+
+
+def record(
+    run: RunTarget,
+    ingested: IngestResult,
+    decision: Decision,
+    model: ChosenModel,
+    night: RunMetrics,
+    clock: Clock,
+) -> dict[str, str]:
+    """The night as an MLflow run (reuse nights too); returns the UI links."""
+    tags = {
+        "dataset": run.dataset,
+        "run_date": str(run.run_date),
+        "decision": model.outcome,
+        "reason": night.reason,
+        "gate_reason": model.gate_reason,
+        "promote_override": "true" if model.override else "false",
+        "model_version": str(model.version),
+        TAG_FLOW_RUN_URL: _flow_run_url(),
+    }
+    ingested_dir = Path(ingested.ingested_dir)
+    record = record_run_task.with_options(task_run_name=f"record-{run.tag}")(
+        dataset=run.dataset,
+        data_dir=run.data_dir,
+        run_name=run.tag,
+        run_id=model.trained_run_id or None,
+        started_ms=clock.started_ms,
+        tags=tags,
+        metrics=night.mlflow_metrics(),
+        dataset_path=ingested_dir,
+        dataset_digest=_partition_digest(ingested_dir),
+        model_name=run.model_name,
+        model_version=model.version,
+    )
+    return {"mlflow_night_run_id": record.run_id, **record.links}
+
+
+def _flow_run_url() -> str:
+    """The Prefect UI page of this flow run ("" without a UI)."""
+    try:
+        return flow_run.get_flow_run_ui_url() or ""
+    except Exception:  # no API configured: no page to link
+        return ""
+
+
+def _partition_digest(directory: Path) -> str:
+    """A digest of a partition's files (names, sizes, Parquet footers): the
+    logged dataset's identity, without reading the rows."""
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("*.parquet")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def unlinked(value: Any) -> Any:
+    """``value``, no longer linked to the subflow run that returned it.
+
+    Prefect records the task inputs that came from a subflow's result as
+    ``flow_run`` references, which its UI cannot show: the flow run's Task
+    Runs tab stayed empty ("Invalid TaskInputResponse"). Forgetting the link
+    keeps every later task's inputs plain values; the subflow run itself is
+    still shown as the parent task run it is.
+    """
+    ctx = FlowRunContext.get()
+    if ctx is not None:
+        ctx.run_results = {
+            k: v for k, v in ctx.run_results.items() if v[1] != RunType.FLOW_RUN
+        }
+    return value
 
 
 def publish(
@@ -323,24 +482,26 @@ def report(
     run: RunTarget,
     ingested: IngestResult,
     scored: ScoreResult,
-    model: ChosenModel,
     summary: dict[str, Any],
+    drift: DriftReport | None,
 ) -> None:
-    """The run's Prefect artifacts: the summary, and the top anomalies explained."""
-    keys = ingested.schema.keys
-    top = worst_features_task.with_options(task_run_name=f"explain-{run.tag}")(
-        Path(ingested.ingested_dir),
-        Path(model.bundle_dir),
-        [r["_row_id"] for r in scored.top_anomalies],
-        keys,
+    """The run's Prefect artifacts: the summary with its links, the top
+    anomalies with their explanations, and the drift table."""
+    top = top_anomalies_task.with_options(task_run_name=f"top-anomalies-{run.tag}")(
+        Path(scored.output_dir), ingested.schema.keys
     )
     publish_report.with_options(task_run_name=f"report-{run.tag}")(
         summary,
-        model.metrics,
+        {},
         summary["reason"],
         top,
-        key=run.dataset.replace("_", "-"),
+        key=_artifact_key(run),
+        drift=None if drift is None else drift_rows(drift),
     )
+
+
+def _artifact_key(run: RunTarget) -> str:
+    return run.dataset.replace("_", "-")
 
 
 def _allowed_sources(cfg: PipelineConfig) -> list[Path]:
@@ -385,6 +546,7 @@ def score_partitioned(
     batch_rows: int,
     unit_rows: int = DEFAULT_UNIT_ROWS,
     publish: bool = True,
+    anomaly_cut: float | None = None,
 ) -> ScoreResult:
     """Score the partition's row-group units in parallel; commit them as one.
 
@@ -394,7 +556,13 @@ def score_partitioned(
     for the run date's commit.
     """
     plan = plan_score_task.with_options(task_run_name=f"plan-score-{tag}")(
-        ingested_dir, bundle, dataset, run_date, provenance, unit_rows=unit_rows
+        ingested_dir,
+        bundle,
+        dataset,
+        run_date,
+        provenance,
+        unit_rows=unit_rows,
+        anomaly_cut=anomaly_cut,
     )
     get_run_logger().info("scoring %d rows in %d units", plan.rows, len(plan.units))
     staged = open_staged(data_dir, "latent", dataset, run_date)
@@ -495,34 +663,53 @@ def challenge(
     ingested: IngestResult,
     champion: ChampionInfo | None,
     reason: str,
+    started_ms: int | None = None,
 ) -> ChosenModel:
     """Train a challenger, register it, and promote it only if it beats the
-    champion on the same holdout of the new data."""
-    trained, registered = train_and_register(cfg, run, ingested, champion, reason)
+    champion on the same holdout of the new data (or the operator said
+    ``--promote``: then whatever the gate says, and recorded as such)."""
+    trained, registered = train_and_register(
+        cfg, run, ingested, champion, reason, started_ms
+    )
     verdict = gate_task.with_options(task_run_name=f"gate-{run.tag}")(
         trained.metrics["val_mse"],
         trained.metrics.get("champion_holdout_mse"),
         cfg.policy.min_improvement,
     )
-    tags = verdict.tags(champion)
+    override = cfg.policy.promote and not verdict.promote
+    tags = verdict.tags(champion, override=override)
     tag_version_task.with_options(task_run_name=f"tag-{run.tag}")(
         registered.name, registered.version, registered.run_id, tags
     )
-    if verdict.promote:
+    promoted = verdict.promote or override
+    if override:
+        get_run_logger().warning(
+            "operator override (--promote): promoting v%s although the gate said: %s",
+            registered.version,
+            verdict.reason,
+        )
+    if promoted:
         promote_task.with_options(task_run_name=f"promote-{run.tag}")(
             registered.name, registered.version, run.cache_dir
         )
     get_run_logger().info("challenger v%s: %s", registered.version, tags)
     # A challenger that lost leaves the champion scoring the run.
-    kept = None if verdict.promote else champion
+    kept = None if promoted else champion
     version = kept.version if kept else registered.version
+    gate_reason = (
+        f"operator override (--promote); the gate said: {verdict.reason}"
+        if override
+        else verdict.reason
+    )
     return ChosenModel(
         version=version,
         run_id=kept.run_id if kept else registered.run_id,
         bundle_dir=str(registry.fetch_model(run.model_name, version, run.cache_dir)),
-        outcome="promote" if verdict.promote else "keep_champion",
-        gate_reason=verdict.reason,
+        outcome="promote" if promoted else "keep_champion",
+        gate_reason=gate_reason,
         metrics=trained.metrics,
+        override=override,
+        trained_run_id=registered.run_id,
     )
 
 
@@ -532,8 +719,12 @@ def train_and_register(
     ingested: IngestResult,
     champion: ChampionInfo | None,
     reason: str,
+    started_ms: int | None = None,
 ) -> tuple[TrainResult, RegisteredVersion]:
-    """Train on the staged partition and register the bundle with its card."""
+    """Train on the staged partition and register the bundle with its card.
+
+    The MLflow run is named ``<dataset>-<run_date>`` and starts when the
+    night did, so its duration covers the training."""
     model, params = cfg.model, cfg.estimator_params()
     # The directory's name becomes the artifact's name in MLflow.
     stage = staging_root(run.data_dir) / f"model.{run.dataset}.{uuid.uuid4().hex[:12]}"
@@ -554,6 +745,11 @@ def train_and_register(
             n_clusters=model.n_clusters,
             plots_dir=stage / "plots",
             champion_dir=Path(champion.model_dir) if fair and champion else None,
+            # Any champion of the same latent size: its axes are kept.
+            align_to=Path(champion.model_dir) if champion else None,
+        )
+        publish_plots.with_options(task_run_name=f"plots-{run.tag}")(
+            [Path(p) for p in trained.plots], key=_artifact_key(run)
         )
         card = model_card_task.with_options(task_run_name=f"card-{run.tag}")(
             run.dataset,
@@ -581,6 +777,8 @@ def train_and_register(
             sample=trained.sample,
             plots=[Path(p) for p in trained.plots],
             description=card,
+            run_name=run.tag,
+            started_ms=started_ms,
         )
     finally:
         with contextlib.suppress(OSError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,14 @@ import pandas as pd
 import pyarrow as pa
 
 from models import columns as cols
+from models.alignment import Alignment
 from models.atomic import atomic_write_bytes
 from models.cells import as_text, cell_problems, parse_cells
+from models.explain import explanation_array
 from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
 from models.family import ModelFamily, Scores, score_rows
 from models.integrity import check_manifest, write_manifest
+from models.percentile import percentile
 from models.preprocessing import TableLike, TabularPreprocessor
 
 BUNDLE_FORMAT = 1
@@ -54,6 +57,12 @@ class BundleInfo:
     # The registered name of the model family (models.families); bundles saved
     # before families existed have none and are autoencoders.
     family: str = LEGACY_FAMILY
+    #: Quantiles of the training scores (models.percentile): anomaly_score.
+    score_quantiles: list[float] = field(default_factory=list)
+    #: The rotation onto the previous champion's axes (models.alignment).
+    alignment: dict[str, Any] | None = None
+    #: The latent space the codes are on; kept across aligned retrains.
+    latent_space_id: str = ""
 
 
 class LatentModel:
@@ -80,6 +89,7 @@ class LatentModel:
         self.info = info
         #: Digest of the manifest the model was loaded and verified with.
         self.manifest_sha256: str | None = None
+        self.alignment = Alignment.from_dict(info.alignment) if info.alignment else None
 
     @property
     def latent_dim(self) -> int:
@@ -100,8 +110,24 @@ class LatentModel:
         """Latent features, anomaly scores and flags for ``data``.
 
         Arrays of shapes (n, latent_dim) float32, (n,) float32, (n,) bool.
+        The codes are on the aligned axes when the model has an alignment.
         """
-        return score_rows(self.estimator, self.preprocessor.transform(data))
+        scores = score_rows(self.estimator, self.preprocessor.transform(data))
+        if self.alignment is None:
+            return scores
+        return replace(scores, latent=self.alignment.apply(scores.latent))
+
+    def anomaly_score(self, score: np.ndarray) -> np.ndarray:
+        """Each score's percentile among the training scores (0..1, float32)."""
+        quantiles = self.info.score_quantiles
+        if not quantiles:
+            # A bundle saved before the quantiles were kept: its training scores.
+            from models.percentile import score_quantiles
+
+            train = getattr(self.estimator, "decision_scores_", None)
+            quantiles = [] if train is None else score_quantiles(np.asarray(train))
+            self.info.score_quantiles = quantiles
+        return percentile(score, quantiles)
 
     def clusters(self, latent: np.ndarray) -> np.ndarray | None:
         """Nearest learned cluster centre for each latent row, or None."""
@@ -120,16 +146,23 @@ class LatentModel:
         return pd.DataFrame(per_col, columns=names)
 
     def predict_frame(self, data: pd.DataFrame | pa.Table) -> pd.DataFrame:
-        """The pyfunc output: latent_*, recon_error, is_anomaly (and cluster)."""
+        """The pyfunc output: latent_*, recon_error, anomaly_score, is_anomaly
+        (and cluster), then explanation."""
         # MLflow may hand over a frame with the index of the caller; keep it.
         index = data.index if isinstance(data, pd.DataFrame) else None
         scores = self.score(data)
         out = pd.DataFrame(scores.latent, columns=self.latent_names, index=index)
         out[cols.RECON_ERROR] = scores.score
+        out[cols.ANOMALY_SCORE] = self.anomaly_score(scores.score)
         out[cols.IS_ANOMALY] = scores.is_anomaly
         labels = self.clusters(scores.latent)
         if labels is not None:
             out[cols.CLUSTER] = labels
+        out[cols.EXPLANATION] = pd.Series(
+            explanation_array(self, data, scores.is_anomaly).to_pylist(),
+            index=index,
+            dtype=object,
+        )
         return out
 
     def predict_raw(self, data: pd.DataFrame) -> pd.DataFrame:
@@ -179,12 +212,17 @@ class LatentModel:
         score = np.full(n, np.nan, np.float32)
         flag = np.zeros(n, bool)
         labels = np.zeros(n, np.int32)
+        why: list[Any] = [None] * n
         if len(good):
             table = pa.table({c: typed[c] for c in self.preprocessor.input_columns})
-            scores = self.score(table.take(pa.array(good)))
+            rows = table.take(pa.array(good))
+            scores = self.score(rows)
             latent[good] = scores.latent
             score[good] = scores.score
             flag[good] = scores.is_anomaly
+            explained = explanation_array(self, rows, scores.is_anomaly).to_pylist()
+            for i, e in zip(good.tolist(), explained, strict=True):
+                why[i] = e
             found = self.clusters(scores.latent)
             if found is not None:
                 labels[good] = found
@@ -197,6 +235,8 @@ class LatentModel:
             index=index,
         )
         out[cols.RECON_ERROR] = pd.array(np.where(bad, np.nan, score), "Float32")
+        pct = self.anomaly_score(score)
+        out[cols.ANOMALY_SCORE] = pd.array(np.where(bad, np.nan, pct), "Float32")
         out[cols.IS_ANOMALY] = pd.array(
             np.where(bad, None, flag).astype(object), dtype="boolean"
         )
@@ -204,6 +244,7 @@ class LatentModel:
             out[cols.CLUSTER] = pd.array(
                 np.where(bad, None, labels).astype(object), dtype="Int32"
             )
+        out[cols.EXPLANATION] = pd.Series(why, index=index, dtype=object)
         out[SERVE_ERROR] = pd.Series(
             ["; ".join(r) if r else None for r in reasons], index=index, dtype=object
         )

@@ -11,6 +11,10 @@ import re
 
 ROW_ID = "_row_id"
 RECON_ERROR = "recon_error"
+#: The score's percentile among the model's training scores (0..1).
+ANOMALY_SCORE = "anomaly_score"
+#: Why a flagged row was flagged: up to three source columns (models.explain).
+EXPLANATION = "explanation"
 IS_ANOMALY = "is_anomaly"
 CLUSTER = "cluster"
 MODEL_NAME = "model_name"
@@ -23,8 +27,10 @@ LATENT_PREFIX = "latent_"
 OUTPUT_COLUMNS: tuple[str, ...] = (
     ROW_ID,
     RECON_ERROR,
+    ANOMALY_SCORE,
     IS_ANOMALY,
     CLUSTER,
+    EXPLANATION,
     MODEL_NAME,
     MODEL_VERSION,
     PARTITION,
@@ -43,7 +49,9 @@ def latent_names(latent_dim: int) -> list[str]:
 
 def score_columns(latent_dim: int, with_cluster: bool) -> list[str]:
     """The per-row outputs of scoring, in output order: ``latent_*``,
-    ``recon_error``, ``is_anomaly`` and, with clusters, ``cluster``.
+    ``recon_error``, ``anomaly_score``, ``is_anomaly`` and, with clusters,
+    ``cluster`` (the ``explanation`` column follows them, see
+    :data:`EXPLANATION`).
 
     The one definition of that order: the latent/ Parquet schema, the pyfunc
     output and the MLflow signature are all built from it.
@@ -51,6 +59,7 @@ def score_columns(latent_dim: int, with_cluster: bool) -> list[str]:
     return [
         *latent_names(latent_dim),
         RECON_ERROR,
+        ANOMALY_SCORE,
         IS_ANOMALY,
         *([CLUSTER] if with_cluster else []),
     ]

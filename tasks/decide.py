@@ -192,6 +192,10 @@ class ChosenModel:
     gate_reason: str = ""
     #: The challenger's training metrics; empty when nothing was trained.
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The operator promoted the challenger whatever the gate said (--promote).
+    override: bool = False
+    #: The MLflow run of the challenger trained tonight, if any.
+    trained_run_id: str = ""
 
     @classmethod
     def reused(cls, champion: ChampionInfo) -> ChosenModel:
@@ -207,10 +211,14 @@ class Gate:
     challenger_mse: float
     champion_mse: float | None
 
-    def tags(self, champion: ChampionInfo | None) -> dict[str, str]:
-        """The verdict as tags on the challenger's model version."""
+    def tags(
+        self, champion: ChampionInfo | None, override: bool = False
+    ) -> dict[str, str]:
+        """The verdict as tags on the challenger's model version, in the run's
+        decision vocabulary (``promote`` or ``keep_champion``)."""
         return {
-            "decision": "promoted" if self.promote else "rejected",
+            "decision": "promote" if self.promote or override else "keep_champion",
+            "promote_override": "true" if override else "false",
             "gate_reason": self.reason,
             "challenger_holdout_mse": f"{self.challenger_mse:.6g}",
             "champion_holdout_mse": (

@@ -63,6 +63,15 @@ from tasks.storage import resolve_under
 
 CHAMPION = "champion"
 BUNDLE_ARTIFACT = "model_dir"
+#: MLflow 3 opens an experiment on its GenAI page unless told it holds models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Where the MLflow UI is, for links in the run's summary (the default is
+#: ``mlflow ui``'s and ``make serve``'s).
+MLFLOW_UI_ENV = "LATENTFLOW_MLFLOW_UI_URL"
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
+#: The tag holding the Prefect flow run's page.
+TAG_FLOW_RUN_URL = "prefect.flow_run_url"
 PYFUNC_FILE = Path(models.__file__).with_name("pyfunc_model.py")
 MODELS_PKG = Path(models.__file__).parent
 _T = TypeVar("_T")
@@ -294,11 +303,20 @@ def ensure_experiment(dataset: str, data_dir: Path) -> str:
     def get_or_create() -> str:
         exp = mlflow.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                # Made by an older version: shown as a GenAI experiment.
+                mlflow.MlflowClient().set_experiment_tag(
+                    exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
             return exp.experiment_id
         location = None
         if tracking.artifact_root is not None:
             location = (tracking.artifact_root / dataset).as_uri()
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(
+            name,
+            artifact_location=location,
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
 
     return _safe(f"open experiment {name}", get_or_create)
 
@@ -533,11 +551,16 @@ def log_and_register(
     sample: pd.DataFrame,
     plots: list[Path] = (),  # type: ignore[assignment]
     description: str = "",
+    run_name: str | None = None,
+    started_ms: int | None = None,
 ) -> RegisteredVersion:
     """Log a trained bundle as a pyfunc-from-code run and register a new version.
 
     The version is registered but not promoted: :func:`promote` moves the
     ``champion`` alias only after the version has been downloaded and loaded.
+    ``run_name`` names the MLflow run (``<dataset>-<run_date>``) and
+    ``started_ms`` (epoch milliseconds) is when training began, so that the
+    run's duration covers the training.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -550,7 +573,10 @@ def log_and_register(
     client = _safe("open the tracking store", MlflowClient)
 
     def run() -> RegisteredVersion:
-        with mlflow.start_run(experiment_id=experiment_id, tags=tags) as active:
+        created = client.create_run(
+            experiment_id, start_time=started_ms, tags=tags, run_name=run_name
+        )
+        with mlflow.start_run(run_id=created.info.run_id) as active:
             run_id = active.info.run_id
             now = int(time.time() * 1000)
             client.log_batch(
@@ -585,12 +611,110 @@ def log_and_register(
             checkpoint("register")
             if description:
                 client.update_model_version(name, str(version), description=description)
+            client.update_registered_model(name, description=model_description(dataset))
             for k, v in tags.items():
                 client.set_model_version_tag(name, str(version), k, v)
             _record_manifest(client, name, version, bundle_dir)
             return RegisteredVersion(name, version, run_id, mlflow.get_tracking_uri())
 
     return _safe(f"register a new version of {name}", run, attempts=2)
+
+
+def model_description(dataset: str) -> str:
+    """The registered model's description: what every version of it is."""
+    return (
+        f"latentflow model of the {dataset} dataset: turns its rows into latent"
+        " features (latent_*), an anomaly score (recon_error; anomaly_score is its"
+        " percentile among the training scores), an is_anomaly flag and, on flagged"
+        " rows, an explanation. The 'champion' alias is the version the nightly"
+        " run scores with; each version's description is its model card and its"
+        " tags say how the promotion gate decided. Load it with"
+        " models.load_model (docs/serving.md)."
+    )
+
+
+def ui_links(
+    experiment_id: str, run_id: str, name: str, version: int
+) -> dict[str, str]:
+    """MLflow UI links to a run and a model version."""
+    base = os.environ.get(MLFLOW_UI_ENV, DEFAULT_MLFLOW_UI).rstrip("/")
+    return {
+        "mlflow_run_url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+        "model_version_url": f"{base}/#/models/{name}/versions/{version}",
+    }
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The night's MLflow run, as the summary links it."""
+
+    run_id: str
+    experiment_id: str
+    links: dict[str, str]
+
+
+def _metric_key(name: str) -> str:
+    """A metric name MLflow accepts (letters, digits, ``_-. /``)."""
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
+
+
+def record_run(
+    *,
+    dataset: str,
+    data_dir: Path,
+    run_name: str,
+    run_id: str | None,
+    started_ms: int,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    dataset_path: Path,
+    dataset_digest: str,
+    model_name: str,
+    model_version: int,
+) -> RunRecord:
+    """Make the night an MLflow run, reuse nights included.
+
+    A night that trained records into its training run (``run_id``); any other
+    night gets a run of its own named ``run_name``. Either way the run gets
+    the decision tags, the night's metrics (counts, score quantiles, drift),
+    the ingested partition as its input dataset, and ends now, so its duration
+    covers the whole night since ``started_ms``.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Metric
+
+    experiment_id = ensure_experiment(dataset, data_dir)
+    client = _safe("open the tracking store", MlflowClient)
+
+    def write() -> str:
+        rid = run_id
+        if not rid:
+            created = client.create_run(
+                experiment_id, start_time=started_ms, run_name=run_name
+            )
+            rid = created.info.run_id
+        now = int(time.time() * 1000)
+        for k, v in tags.items():
+            client.set_tag(rid, k, v)
+        batch = [
+            Metric(_metric_key(k), float(v), now, 0) for k, v in sorted(metrics.items())
+        ]
+        for i in range(0, len(batch), 900):
+            client.log_batch(rid, metrics=batch[i : i + 900])
+        source = LocalArtifactDatasetSource(str(dataset_path))
+        data = MetaDataset(source, name=run_name, digest=dataset_digest[:36])
+        with mlflow.start_run(run_id=rid):
+            mlflow.log_input(data, context="scoring")
+        client.set_terminated(rid, "FINISHED", end_time=int(time.time() * 1000))
+        return rid
+
+    rid = _safe(f"record the run {run_name}", write, attempts=2)
+    return RunRecord(
+        rid, experiment_id, ui_links(experiment_id, rid, model_name, model_version)
+    )
 
 
 def _record_manifest(client: Any, name: str, version: int, bundle_dir: Path) -> None:
@@ -703,3 +827,4 @@ find_champion_task = task(find_champion, name="find-champion", **PLAIN)
 register_task = task(log_and_register, name="register", **PLAIN)
 promote_task = task(promote, name="promote", **PLAIN)
 tag_version_task = task(tag_version, name="tag-decision", **PLAIN)
+record_run_task = task(record_run, name="record-run", **PLAIN)

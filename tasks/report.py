@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -9,51 +10,81 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from prefect import task
 
-from models.bundle import LatentModel
+from models import columns as cols
+from tasks.drift import DriftReport
 from tasks.policy import PLAIN
 
+#: Rows in the top-anomalies artifact.
+TOP_ROWS = 20
 
-def worst_features(
-    ingested_dir: Path,
-    bundle_dir: Path,
-    row_ids: list[int],
-    keys: list[str],
-    n: int = 3,
-    device: str = "cpu",
+
+def top_anomalies(
+    latent_dir: Path, keys: list[str], n: int = TOP_ROWS
 ) -> list[dict[str, Any]]:
-    """For the given rows, the ``n`` input columns with the largest errors,
-    computed on ``device`` (the run's: ``auto`` is CUDA when present)."""
-    if not row_ids:
+    """The ``n`` flagged rows with the highest scores, with their explanations,
+    read back from the published ``latent/`` partition (what analysts read).
+
+    ``_row_id`` is a string: a browser shows a 64-bit integer rounded, so the
+    number would match no row.
+    """
+    columns = [cols.ROW_ID, *keys, cols.RECON_ERROR, cols.ANOMALY_SCORE]
+    data = pads.dataset(str(latent_dir), format="parquet")
+    names = set(data.schema.names)
+    if cols.EXPLANATION not in names:
         return []
-    model = LatentModel.load(bundle_dir, device=device)
-    cols = [
-        "_row_id",
-        *keys,
-        *[c for c in model.preprocessor.input_columns if c not in keys],
-    ]
-    table = pads.dataset(str(ingested_dir), format="parquet").to_table(
-        columns=cols, filter=pc.field("_row_id").isin(row_ids)
+    table = data.to_table(
+        columns=[c for c in columns if c in names] + [cols.EXPLANATION],
+        filter=pc.field(cols.IS_ANOMALY),
     )
-    errs = model.source_errors(table)
-    rec_err = model.score(table).score
-    frame = table.to_pandas()
+    if table.num_rows == 0:
+        return []
+    order = pc.sort_indices(table, sort_keys=[(cols.RECON_ERROR, "descending")])
     rows = []
-    for i in range(table.num_rows):
-        worst = errs.iloc[i].sort_values(ascending=False).head(n)
-        row = {"_row_id": int(frame["_row_id"].iat[i])}
-        row.update({k: str(frame[k].iat[i]) for k in keys})
-        row["recon_error"] = round(float(rec_err[i]), 4)
-        for rank, (col, val) in enumerate(worst.items(), start=1):
-            row[f"feature_{rank}"] = f"{col} ({val:.2f})"
+    for r in table.take(order.slice(0, n)).to_pylist():
+        row: dict[str, Any] = {cols.ROW_ID: str(r[cols.ROW_ID])}
+        row.update({k: str(r[k]) for k in keys if k in r})
+        row[cols.RECON_ERROR] = round(float(r[cols.RECON_ERROR]), 4)
+        row[cols.ANOMALY_SCORE] = round(float(r[cols.ANOMALY_SCORE]), 4)
+        for rank, e in enumerate(r[cols.EXPLANATION] or [], start=1):
+            row[f"column_{rank}"] = (
+                f"{e['column']}: {e['observed']} (expected {e['expected']},"
+                f" {e['contribution']:.3g})"
+            )
         rows.append(row)
-    rows.sort(key=lambda r: -r["recon_error"])
     return rows
+
+
+def drift_rows(drift: DriftReport) -> list[dict[str, Any]]:
+    """The drift table artifact: each feature's PSI, worst first."""
+    drifted = set(drift.drifted)
+    return [
+        {"feature": k, "psi": round(v, 4), "drifted": k in drifted}
+        for k, v in sorted(drift.psi.items(), key=lambda kv: -kv[1])
+    ]
+
+
+def plots_markdown(plots: list[Path], max_bytes: int = 400_000) -> str:
+    """The training plots inline (PNG data URIs) for a Prefect artifact; a plot
+    larger than ``max_bytes`` is named instead (it is on the MLflow run)."""
+    lines = ["# Training plots", ""]
+    for p in plots:
+        data = Path(p).read_bytes()
+        if len(data) > max_bytes:
+            lines.append(f"- `{Path(p).name}`: on the MLflow run, under plots/")
+            continue
+        b64 = base64.b64encode(data).decode()
+        name = Path(p).stem
+        lines += [f"## {name}", "", f"![{name}](data:image/png;base64,{b64})", ""]
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(
     summary: dict[str, Any], metrics: dict[str, float], reason: str
 ) -> str:
     """The run summary shown as a Prefect markdown artifact."""
+    override = "yes (--promote)" if summary.get("promote_override") else "no"
+    model = f"{summary['model_name']} v{summary['model_version']}"
+    run_id = summary.get("mlflow_night_run_id") or summary.get("mlflow_run_id", "")
     lines = [
         f"# latentflow: {summary['dataset']} {summary['run_date']}",
         "",
@@ -63,9 +94,10 @@ def summary_markdown(
         f"| rows rejected | {summary['rows_rejected']:,} |",
         f"| rows scored | {summary['rows_scored']:,} |",
         f"| anomalies | {summary['anomalies']:,} |",
-        f"| decision | {'train' if summary['trained'] else 'reuse'}: {reason} |",
-        f"| model | {summary['model_name']} v{summary['model_version']} |",
-        f"| MLflow run | {summary.get('mlflow_run_id', '')} |",
+        f"| decision | {summary['decision']}: {reason} |",
+        f"| operator override | {override} |",
+        f"| model | {_link(model, summary.get('model_version_url'))} |",
+        f"| MLflow run | {_link(run_id, summary.get('mlflow_run_url'))} |",
         f"| output | `{summary['output']}` |",
     ]
     drift = summary.get("drift")
@@ -97,6 +129,10 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _link(text: Any, url: str | None) -> str:
+    return f"[{text}]({url})" if url else str(text)
+
+
 @task(name="report", **PLAIN)
 def publish_report(
     summary: dict[str, Any],
@@ -104,8 +140,10 @@ def publish_report(
     reason: str,
     top_rows: list[dict[str, Any]],
     key: str,
+    drift: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Create the run's Prefect artifacts: a summary and the top anomalies."""
+    """Create the run's Prefect artifacts: a summary (linking the MLflow run
+    and the model version), the top anomalies explained, and the drift table."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     create_markdown_artifact(
@@ -119,6 +157,25 @@ def publish_report(
             table=top_rows,
             description="Top anomalies and the three input columns that made them",
         )
+    if drift:
+        create_table_artifact(
+            key=f"{key}-drift",
+            table=drift,
+            description="Each feature's PSI against the champion's training data",
+        )
 
 
-worst_features_task = task(worst_features, name="explain-anomalies", **PLAIN)
+@task(name="publish-plots", **PLAIN)
+def publish_plots(plots: list[Path], key: str) -> None:
+    """The training plots as a Prefect artifact (they are on the MLflow run too)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    if plots:
+        create_markdown_artifact(
+            key=f"{key}-plots",
+            markdown=plots_markdown(plots),
+            description="Training plots of tonight's challenger",
+        )
+
+
+top_anomalies_task = task(top_anomalies, name="top-anomalies", **PLAIN)

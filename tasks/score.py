@@ -36,6 +36,7 @@ from prefect import task
 
 from models import columns as cols
 from models.bundle import LatentModel
+from models.explain import EXPLANATION_TYPE, explanation_array
 from models.integrity import MANIFEST, IntegrityError
 from tasks.errors import SchemaError, TamperError
 from tasks.faults import checkpoint
@@ -75,6 +76,8 @@ class ScoreResult:
     top_anomalies: list[dict[str, Any]] = field(default_factory=list)
     units: int = 1
     compute_seconds: float = 0.0  # summed over units: in-task wall time
+    #: recon_error quantiles (p50, p90, p99, p999, max) over a thinned sample.
+    score_quantiles: dict[str, float] = field(default_factory=dict)
     #: Where the rows are until the run date's commit; "" once published
     #: (``output_dir`` is the partition's final place either way).
     staged_dir: str = ""
@@ -91,6 +94,8 @@ class ScoreLayout:
     model_name: str
     model_version: int
     bundle_sha256: str | None = None  # the manifest digest every unit must load
+    #: A fixed anomaly_score cut; None flags by the model's threshold.
+    anomaly_cut: float | None = None
 
 
 @dataclass
@@ -122,7 +127,8 @@ class ScorePlan:
 def output_schema(
     keys: list[tuple[str, pa.DataType]], latent_dim: int, with_cluster: bool
 ) -> pa.Schema:
-    """The latent/ contract: _row_id, keys, latent_*, recon_error, is_anomaly, model."""
+    """The latent/ contract: _row_id, keys, latent_*, recon_error, anomaly_score,
+    is_anomaly, (cluster), explanation, model."""
     types = {cols.IS_ANOMALY: pa.bool_(), cols.CLUSTER: pa.int32()}
     fields = [pa.field(cols.ROW_ID, pa.int64(), nullable=False)]
     fields += [pa.field(k, t) for k, t in keys]
@@ -130,6 +136,7 @@ def output_schema(
         pa.field(name, types.get(name, pa.float32()))
         for name in cols.score_columns(latent_dim, with_cluster)
     ]
+    fields += [pa.field(cols.EXPLANATION, EXPLANATION_TYPE)]
     fields += [
         pa.field(cols.MODEL_NAME, pa.string()),
         pa.field(cols.MODEL_VERSION, pa.int32()),
@@ -203,8 +210,12 @@ def prepare_scoring(
     provenance: Provenance,
     *,
     device: str = "cpu",
+    anomaly_cut: float | None = None,
 ) -> ScoreLayout:
     """Check the data against the model and fix the output schema and metadata.
+
+    ``anomaly_cut`` flags rows whose ``anomaly_score`` exceeds it instead of
+    those over the model's threshold (docs/output.md says when to use which).
 
     Raises
     ------
@@ -237,6 +248,15 @@ def prepare_scoring(
         "latentflow.run_date": run_date.isoformat(),
         "latentflow.threshold": repr(model.threshold),
         "latentflow.latent_dim": str(model.latent_dim),
+        "latentflow.latent_space_id": model.info.latent_space_id,
+        "latentflow.alignment_residual": (
+            repr(model.alignment.residual) if model.alignment else ""
+        ),
+        "latentflow.flag_rule": (
+            f"anomaly_score > {anomaly_cut!r}"
+            if anomaly_cut is not None
+            else f"recon_error > {model.threshold!r}"
+        ),
     }
     schema = schema.with_metadata({k: v.encode() for k, v in metadata.items()})
     columns = ["_row_id", *keys, *[c for c in needed if c not in keys]]
@@ -247,6 +267,7 @@ def prepare_scoring(
         provenance.model_name,
         provenance.model_version,
         model.manifest_sha256,
+        anomaly_cut,
     )
 
 
@@ -259,6 +280,7 @@ def plan_scoring(
     *,
     unit_rows: int,
     device: str = "cpu",
+    anomaly_cut: float | None = None,
 ) -> ScorePlan:
     """The layout and the work units of a partitioned scoring run.
 
@@ -272,6 +294,7 @@ def plan_scoring(
         run_date,
         provenance,
         device=device,
+        anomaly_cut=anomaly_cut,
     )
     files = partition_files(ingested_dir)
     total = sum(pq.read_metadata(f).num_rows for f in files)
@@ -362,14 +385,21 @@ def score_unit(
             if n == 0:
                 continue
             scores = model.score(batch)
-            err, flag = scores.score, scores.is_anomaly
+            err = scores.score
+            pct = model.anomaly_score(err)
+            flag = (
+                scores.is_anomaly
+                if layout.anomaly_cut is None
+                else pct > layout.anomaly_cut
+            )
             arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
             arrays += [batch.column(k) for k in keys]
             arrays += [pa.array(col) for col in scores.latent.T]
-            arrays += [pa.array(err), pa.array(flag)]
+            arrays += [pa.array(err), pa.array(pct), pa.array(flag)]
             labels = model.clusters(scores.latent)
             if labels is not None:
                 arrays.append(pa.array(labels))
+            arrays.append(explanation_array(model, batch, flag))
             arrays += [
                 pa.array(np.full(n, layout.model_name, dtype=object), pa.string()),
                 pa.array(np.full(n, layout.model_version, dtype=np.int32)),
@@ -404,6 +434,8 @@ def merge_results(output_dir: Path, results: Sequence[UnitResult]) -> ScoreResul
     samples = [r.error_sample for r in results if len(r.error_sample)]
     all_err = np.concatenate(samples) if samples else np.zeros(1)
     top = heapq.nlargest(TOP_K, (t for r in results for t in r.top))
+    levels = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999, "max": 1.0}
+    quantiles = np.quantile(all_err, list(levels.values()))
     return ScoreResult(
         output_dir=str(output_dir),
         rows_scored=rows,
@@ -413,6 +445,7 @@ def merge_results(output_dir: Path, results: Sequence[UnitResult]) -> ScoreResul
         top_anomalies=[{"_row_id": int(r), "recon_error": float(e)} for e, r in top],
         units=len(results),
         compute_seconds=sum(r.seconds for r in results),
+        score_quantiles={k: float(v) for k, v in zip(levels, quantiles, strict=True)},
     )
 
 
@@ -462,6 +495,7 @@ def score_partition(
     batch_rows: int = 65536,
     device: str = "cpu",
     publish: bool = True,
+    anomaly_cut: float | None = None,
 ) -> ScoreResult:
     """Score every ingested row and commit ``latent/<dataset>/run_date=...``
     (``publish=False``: leave it sealed in ``.staging``, see :func:`commit_scores`).
@@ -475,6 +509,7 @@ def score_partition(
         run_date,
         provenance,
         device=device,
+        anomaly_cut=anomaly_cut,
     )
     units = single_unit(partition_files(ingested_dir))
     with StagedPartition(data_dir, "latent", dataset, run_date) as part:

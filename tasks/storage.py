@@ -49,7 +49,7 @@ from models.atomic import fsync_dir as _fsync_dir
 from tasks.errors import AlreadyRunningError, ConfigError, UnsafePathError
 from tasks.faults import checkpoint
 
-AREAS = ("ingested", "rejected", "latent")
+AREAS = ("ingested", "rejected", "latent", "metrics")
 _DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

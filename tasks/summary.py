@@ -38,8 +38,15 @@ def run_summary(
     model: ChosenModel,
     scored: ScoreResult,
     drift: DriftReport | None = None,
+    links: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The run's one JSON line (the CLI prints it; the flow returns it)."""
+    """The run's one JSON line (the CLI prints it; the flow returns it).
+
+    ``decision`` is the run's outcome in the one vocabulary used everywhere
+    (JSON, logs, artifacts, MLflow tags, docs): ``reuse``, ``promote`` or
+    ``keep_champion``. ``links`` are the MLflow UI links of the night's run
+    and of the scoring model version.
+    """
     gate_reason = f"; {model.gate_reason}" if model.gate_reason else ""
     summary: dict[str, Any] = {
         "dataset": run.dataset,
@@ -55,7 +62,10 @@ def run_summary(
         "model_version": model.version,
         "mlflow_run_id": model.run_id,
         "output": scored.output_dir,
+        # New keys go last: the line's order is part of its contract.
+        "promote_override": model.override,
     }
+    summary.update(links or {})
     if drift is not None:
         summary["drift"] = drift_summary(drift)
     return summary

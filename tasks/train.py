@@ -24,9 +24,11 @@ import pandas as pd
 import pyarrow as pa
 from prefect import task
 
+from models.alignment import REFERENCE_ROWS, Alignment, fit_procrustes, new_space_id
 from models.bundle import BundleInfo, LatentModel
 from models.families import DEFAULT_FAMILY, UnknownFamilyError, get_family
 from models.family import ModelFamily, Scores, reconstruction_mse, score_rows
+from models.percentile import score_quantiles
 from models.preprocessing import PreprocessorStats, Reopen, TabularPreprocessor
 from models.schema import TableSchema
 from tasks.drift import build_reference
@@ -94,6 +96,7 @@ def train_model(
     champion_dir: Path | None = None,
     plots_dir: Path | None = None,
     epoch_callback: Callable[[int, float, float], None] | None = None,
+    align_to: Path | None = None,
 ) -> TrainResult:
     """Fit a :class:`LatentModel` on the ingested partition and save it.
 
@@ -109,6 +112,11 @@ def train_model(
       rows when there are fewer), split (seeded) into train and holdout; the
       reported val MSE and the PCA baseline are measured on the holdout in the
       same preprocessed space.
+
+    With ``align_to`` (the previous champion's bundle) the codes are rotated
+    onto the champion's axes (:mod:`models.alignment`) and keep its latent
+    space id; without it, or when the two cannot be aligned, the model opens
+    a new latent space.
 
     Same seed and partition, same sample, statistics and model.
     """
@@ -212,6 +220,23 @@ def train_model(
         km.fit(fitted.latent)
         centers = km.cluster_centers_.astype(float).tolist()
 
+    reference = train_t.slice(0, REFERENCE_ROWS)
+    alignment, space_id = _align(
+        align_to, reference, fitted.latent[:REFERENCE_ROWS], est.latent_dim
+    )
+    if alignment is None:
+        space_id = new_space_id(dataset, fitted.latent[:REFERENCE_ROWS])
+    else:
+        metrics["alignment_residual"] = alignment.residual
+        if centers is not None:
+            # The centres follow the codes onto the aligned axes.
+            centers = alignment.apply(np.asarray(centers)).astype(float).tolist()
+    # The threshold's own scores (a training row is never its own neighbour),
+    # so that the threshold sits at about 1 - contamination.
+    train_scores = getattr(est, "decision_scores_", None)
+    if train_scores is None:
+        train_scores = fitted.score
+
     info = BundleInfo(
         dataset=dataset,
         input_schema=schema.to_dict(),
@@ -223,6 +248,9 @@ def train_model(
         cluster_centers=centers,
         reference=build_reference(train_t, numeric, categorical, fitted.score),
         family=kind,
+        score_quantiles=score_quantiles(np.asarray(train_scores)),
+        alignment=None if alignment is None else alignment.to_dict(),
+        latent_space_id=space_id,
     )
     LatentModel(pre, est, info).save(bundle_dir)
     sample = train_t.slice(0, 5).to_pandas()
@@ -242,6 +270,31 @@ def train_model(
         sample=sample,
         plots=plots,
         warnings=warnings,
+    )
+
+
+def _align(
+    champion_dir: Path | None,
+    reference: pa.Table,
+    codes: np.ndarray,
+    latent_dim: int,
+) -> tuple[Alignment | None, str]:
+    """The rotation onto the champion's axes and its latent space id, or
+    ``(None, "")`` when alignment is impossible (no champion, another
+    ``latent_dim``, a champion that cannot read the rows)."""
+    if champion_dir is None or reference.num_rows < 2:
+        return None, ""
+    champion = LatentModel.load(champion_dir)
+    if champion.latent_dim != latent_dim:
+        return None, ""
+    try:
+        target = champion.score(reference).latent
+    except ValueError:  # the champion lacks a column of the new data
+        return None, ""
+    aligned_to = f"{champion.info.dataset} {champion.info.trained_at}"
+    alignment = fit_procrustes(codes, target, aligned_to=aligned_to)
+    return alignment, champion.info.latent_space_id or new_space_id(
+        champion.info.dataset, target
     )
 
 
@@ -369,6 +422,7 @@ def train_task(
     n_clusters: int | None = None,
     champion_dir: Path | None = None,
     plots_dir: Path | None = None,
+    align_to: Path | None = None,
 ) -> TrainResult:
     """:func:`train_model`, with per-epoch logs and a progress artifact the UI
     updates live."""
@@ -400,6 +454,7 @@ def train_task(
         champion_dir=champion_dir,
         plots_dir=plots_dir,
         epoch_callback=on_epoch,
+        align_to=align_to,
     )
     update_progress_artifact(progress, 100.0)
     for warning in result.warnings:

@@ -127,6 +127,8 @@ def test_custom_run_from_the_ui(stack, sync_playwright, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(UI_TIMEOUT_MS)
+            console: list[str] = []
+            page.on("console", lambda msg: console.append(msg.text))
 
             page.goto(f"{stack.url}/deployments", wait_until="networkidle")
             page.get_by_role("link", name=ON_DEMAND, exact=True).click()
@@ -164,6 +166,16 @@ def test_custom_run_from_the_ui(stack, sync_playwright, tmp_path):
             page.get_by_text("Completed", exact=True).first.wait_for()
             page.get_by_text(run["name"]).first.wait_for()
             page.screenshot(path=str(shot))
+
+            # The Task Runs tab lists the run's tasks (task inputs that named a
+            # subflow's result left it empty: "Invalid TaskInputResponse").
+            page.goto(
+                f"{stack.url}/runs/flow-run/{run_id}?tab=Task+Runs",
+                wait_until="networkidle",
+            )
+            for step in ("ingest", "decide", "score", "summarize"):
+                page.get_by_text(f"{step}-{run['name']}").first.wait_for()
+            assert not [m for m in console if "Invalid TaskInputResponse" in m]
 
             # The model it registered, in the MLflow UI: version 1, champion.
             # MLflow's UI keeps polling, so the network never goes idle: wait

@@ -86,3 +86,20 @@ def test_field_given_flat_and_in_its_section_differently_is_one_line(tmp_path):
     f.write_text("model: {latent_dim: 0}\ndata: {input: a.csv}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: latent_dim: Input should be"):
         build_config(str(f), {})
+
+
+def test_promote_flag_and_anomaly_cut_leave_existing_hashes_alone():
+    from flows.cli import _overrides, _parser
+
+    args = _parser().parse_args(["run", "--input", "x.csv", "--promote"])
+    base = PipelineConfig(data={"input": "x.csv"})
+    cfg = build_config(None, _overrides(args))
+    assert cfg.policy.promote is True
+    # An operator's override changes no model and no output: same hash.
+    assert cfg.config_hash() == base.config_hash()
+    # An unset cut hashes as before it existed; a set one changes the outputs.
+    cut = build_config(None, {"input": "x.csv", "anomaly_score_threshold": 0.99})
+    assert cut.model.anomaly_score_threshold == 0.99
+    assert cut.config_hash() != base.config_hash()
+    with pytest.raises(ConfigError, match="anomaly_score_threshold"):
+        build_config(None, {"input": "x.csv", "anomaly_score_threshold": 1.5})

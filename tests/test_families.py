@@ -283,7 +283,9 @@ def test_toy_family_runs_through_the_whole_pipeline(
         "latent_1",
         "latent_2",
         "recon_error",
+        "anomaly_score",
         "is_anomaly",
+        "explanation",
         "model_name",
         "model_version",
     ]
@@ -304,7 +306,7 @@ def test_toy_family_runs_through_the_whole_pipeline(
     assert isinstance(loaded.estimator, PCAFamily) and loaded.info.family == "pca"
     ingested = pd.read_parquet(data / "ingested" / "weatheraus").head(50)
     pred = mlflow.pyfunc.load_model(model_uri).predict(ingested.drop(columns="_row_id"))
-    assert list(pred.columns) == [*out.columns[3:8], "error"]
+    assert list(pred.columns) == [*out.columns[3:10], "error"]
     assert pred["error"].isna().all()
     scored = out.set_index("_row_id").loc[ingested["_row_id"]]
     np.testing.assert_allclose(pred["recon_error"], scored["recon_error"], rtol=1e-6)

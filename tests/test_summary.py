@@ -49,6 +49,7 @@ def test_summary_line_keys_order_and_gate_reason():
         "model_version",
         "mlflow_run_id",
         "output",
+        "promote_override",
     ]
     assert s["reason"] == "forced; holdout MSE not 2% below"
     assert (s["trained"], s["decision"], s["model_version"]) == (

@@ -20,7 +20,10 @@ from typing import Any, TypeVar
 from models.family import ModelFamily
 
 #: One line per built-in family module; each registers its names on import.
-BUILTIN_MODULES: tuple[str, ...] = ("models.families.autoencoder",)
+BUILTIN_MODULES: tuple[str, ...] = (
+    "models.families.autoencoder",
+    "models.families.sequence",
+)
 
 #: The family of the default config.
 DEFAULT_FAMILY = "ae"

@@ -66,7 +66,9 @@ ROW_DIR = "row"
 #: The row-wise model: the default autoencoder.
 ROW_KIND = "ae"
 #: Channels of the convolutions: enough for weather-like tables, cheap on CPU.
-CHANNELS = 64
+CHANNELS = 32
+#: Smallest per-column spread of errors and changes (standardised units).
+SPREAD_FLOOR = 0.05
 #: Quantiles kept per temporal figure: the tail table (JSON, a few KiB).
 N_QUANTILES = 1025
 #: The three temporal figures, in the order of :func:`_figures`' columns.
@@ -132,15 +134,24 @@ class WindowNetwork(nn.Module):
 
 
 def _figures(
-    x: np.ndarray, mask: np.ndarray, recon: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x: np.ndarray,
+    mask: np.ndarray,
+    recon: np.ndarray,
+    resid_scale: np.ndarray,
+    change_scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """The temporal figures ``(n, 3)`` (NaN where undefined) and the per-cell
-    evidence behind each: ``(n, 3, window, F)`` non-negative."""
+    evidence behind each, ``(n, 3, window, F)``, non-negative.
+
+    Errors and changes are divided per column by their training spread, so a
+    column the network reconstructs well (or that rarely changes) weighs by
+    how unusual its error (or change) is, not by its units.
+    """
     n, w, f = x.shape
     m = mask.astype(np.float32)[..., None]
-    resid = (x - recon) * m
+    z = (x - recon) * m / resid_scale
     cells = np.zeros((n, 3, w, f), dtype=np.float32)
-    cells[:, 0, -1] = resid[:, -1] ** 2
+    cells[:, 0, -1] = z[:, -1] ** 2
     figures = np.full((n, 3), np.nan, dtype=np.float64)
     figures[:, 0] = cells[:, 0, -1].mean(axis=1)
     # The previous observed day: the latest filled slot before the row.
@@ -148,21 +159,24 @@ def _figures(
     has_prev = earlier.any(axis=1)
     prev = (w - 2) - np.argmax(earlier[:, ::-1], axis=1)
     rows = np.flatnonzero(has_prev)
-    change = (x[rows, -1] - x[rows, prev[rows]]) ** 2
+    change = ((x[rows, -1] - x[rows, prev[rows]]) / change_scale) ** 2
     figures[rows, 1] = change.mean(axis=1)
     # Evidence of a change (or of its absence) sits on both days; a day with
     # no change at all (stuck) spreads it evenly over the columns.
     spread = np.where(change.sum(axis=1, keepdims=True) > 0, change, 1.0)
     cells[rows, 1, -1] = spread / 2
     cells[rows, 1, prev[rows]] = spread / 2
-    count = mask.sum(axis=1, keepdims=True).astype(np.float32)
-    mean_resid = resid.sum(axis=1) / np.maximum(count, 1)
-    offset = mean_resid**2 * count
-    figures[:, 2] = offset.mean(axis=1)
-    # The offset's days: where the signed errors agree with the column's mean.
-    agree = np.maximum(resid * mean_resid[:, None, :], 0.0)
-    cells[:, 2] = agree
-    return figures, cells, offset
+    # The offset: the column whose standardised errors agree most over the
+    # days (their sum squared over the days, ~chi-square(1) for noise).
+    count = np.maximum(mask.sum(axis=1), 1).astype(np.float32)
+    total = z.sum(axis=1)
+    offset = total**2 / count[:, None]
+    worst = offset.argmax(axis=1)
+    figures[:, 2] = offset[np.arange(n), worst]
+    mean_z = total[np.arange(n), worst] / count
+    agree = np.maximum(z[np.arange(n), :, worst] * mean_z[:, None], 0.0)
+    cells[np.arange(n), 2, :, worst] = agree
+    return figures, cells
 
 
 class TailTable:
@@ -350,6 +364,7 @@ class SequenceFamily:
         self.network_ = WindowNetwork(n_features, self.window, self.latent_dim)
         self._train(pool, index[train], np.random.default_rng([seed, 5]))
         self.network_.eval()
+        self.resid_scale_, self.change_scale_ = self._spreads(pool, index[train])
         _, figures, _ = self._run(pool, index[train])
         self.tails_ = [
             TailTable.fit(figures[:, k], TWO_SIDED[k]) for k in range(len(FIGURES))
@@ -362,6 +377,29 @@ class SequenceFamily:
         scores = row_train / self.row_scale_ + (surprise / self.figure_scales_).sum(1)
         self.threshold_ = contamination_threshold(scores, self.contamination)
         return self
+
+    @torch.no_grad()
+    def _spreads(
+        self, pool: np.ndarray, index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per column: the spread of the current day's reconstruction error and
+        of the day-to-day change over the training windows (floored, so a
+        column that never moves does not divide by zero)."""
+        f = pool.shape[1]
+        err_sq, err_n = np.zeros(f), 0
+        chg_sq, chg_n = np.zeros(f), 0
+        for start in range(0, len(index), INFERENCE_BATCH):
+            w, m = gather(pool, index[start : start + INFERENCE_BATCH])
+            _, recon = self.network_(torch.from_numpy(w), torch.from_numpy(m).float())
+            err_sq += ((w[:, -1] - recon.numpy()[:, -1]) ** 2).sum(axis=0)
+            err_n += len(w)
+            has = m[:, -2]
+            chg_sq += ((w[has, -1] - w[has, -2]) ** 2).sum(axis=0)
+            chg_n += int(has.sum())
+        floor = np.float32(SPREAD_FLOOR)
+        resid = np.sqrt(err_sq / max(err_n, 1)).astype(np.float32)
+        change = np.sqrt(chg_sq / max(chg_n, 1)).astype(np.float32)
+        return np.maximum(resid, floor), np.maximum(change, floor)
 
     def _train(
         self, pool: np.ndarray, index: np.ndarray, rng: np.random.Generator
@@ -441,11 +479,11 @@ class SequenceFamily:
             code, recon = self.network_(
                 torch.from_numpy(w), torch.from_numpy(m).float()
             )
-            f, c, offset = _figures(w, m, recon.numpy())
+            f, c = _figures(w, m, recon.numpy(), self.resid_scale_, self.change_scale_)
             codes.append(code.numpy())
             figs.append(f)
             if cells:
-                evidence.append((c, offset, m))
+                evidence.append(c)
         latent = (
             np.concatenate(codes).astype(np.float32)
             if codes
@@ -529,7 +567,7 @@ class SequenceFamily:
         by_day = np.zeros((n, w))
         by_day[:, -1] = self._row_part(row_score)
         parts = self._parts(figures)
-        cells = np.concatenate([c for c, _, _ in evidence]) if evidence else None
+        cells = np.concatenate(evidence) if evidence else None
         if cells is not None:
             for k in range(len(FIGURES)):
                 c = cells[:, k].astype(np.float64)  # (n, w, f)
@@ -574,6 +612,8 @@ class SequenceFamily:
                 "threshold_": float(self.threshold_),
                 "row_scale_": self.row_scale_,
                 "figure_scales_": self.figure_scales_,
+                "resid_scale_": [float(v) for v in self.resid_scale_],
+                "change_scale_": [float(v) for v in self.change_scale_],
                 "tails_": [t.to_json() for t in self.tails_],
                 "history_": self.history_,
             },
@@ -626,6 +666,8 @@ class SequenceFamily:
             model.threshold_ = float(fitted["threshold_"])
             model.row_scale_ = float(fitted["row_scale_"])
             model.figure_scales_ = [float(s) for s in fitted["figure_scales_"]]
+            model.resid_scale_ = np.asarray(fitted["resid_scale_"], np.float32)
+            model.change_scale_ = np.asarray(fitted["change_scale_"], np.float32)
             model.tails_ = [TailTable.from_json(t) for t in fitted["tails_"]]
             model.history_ = {k: list(v) for k, v in fitted["history_"].items()}
             expected = str(meta["weights_sha256"])

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from models.atomic import atomic_write_bytes
+from models.density import marginal_columns
 from models.families import get_family, register_family
 from models.family import META_FILE, EpochCallback, contamination_threshold
 from models.sequence_windows import (
@@ -139,6 +140,7 @@ def _figures(
     recon: np.ndarray,
     resid_scale: np.ndarray,
     change_scale: np.ndarray,
+    continuous: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The temporal figures ``(n, 3)`` (NaN where undefined) and the per-cell
     evidence behind each, ``(n, 3, window, F)``, non-negative.
@@ -170,7 +172,9 @@ def _figures(
     # days (their sum squared over the days, ~chi-square(1) for noise).
     count = np.maximum(mask.sum(axis=1), 1).astype(np.float32)
     total = z.sum(axis=1)
-    offset = total**2 / count[:, None]
+    # Only columns of many values: a 0/1 column's errors flip with the
+    # category and agree by chance far more often than a sensor's.
+    offset = np.where(continuous, total**2 / count[:, None], 0.0)
     worst = offset.argmax(axis=1)
     figures[:, 2] = offset[np.arange(n), worst]
     mean_z = total[np.arange(n), worst] / count
@@ -365,6 +369,8 @@ class SequenceFamily:
         self._train(pool, index[train], np.random.default_rng([seed, 5]))
         self.network_.eval()
         self.resid_scale_, self.change_scale_ = self._spreads(pool, index[train])
+        self.continuous_ = np.zeros(n_features, bool)
+        self.continuous_[marginal_columns(x[train])] = True
         _, figures, _ = self._run(pool, index[train])
         self.tails_ = [
             TailTable.fit(figures[:, k], TWO_SIDED[k]) for k in range(len(FIGURES))
@@ -479,7 +485,14 @@ class SequenceFamily:
             code, recon = self.network_(
                 torch.from_numpy(w), torch.from_numpy(m).float()
             )
-            f, c = _figures(w, m, recon.numpy(), self.resid_scale_, self.change_scale_)
+            f, c = _figures(
+                w,
+                m,
+                recon.numpy(),
+                self.resid_scale_,
+                self.change_scale_,
+                self.continuous_,
+            )
             codes.append(code.numpy())
             figs.append(f)
             if cells:
@@ -614,6 +627,7 @@ class SequenceFamily:
                 "figure_scales_": self.figure_scales_,
                 "resid_scale_": [float(v) for v in self.resid_scale_],
                 "change_scale_": [float(v) for v in self.change_scale_],
+                "continuous_": [bool(v) for v in self.continuous_],
                 "tails_": [t.to_json() for t in self.tails_],
                 "history_": self.history_,
             },
@@ -668,6 +682,7 @@ class SequenceFamily:
             model.figure_scales_ = [float(s) for s in fitted["figure_scales_"]]
             model.resid_scale_ = np.asarray(fitted["resid_scale_"], np.float32)
             model.change_scale_ = np.asarray(fitted["change_scale_"], np.float32)
+            model.continuous_ = np.asarray(fitted["continuous_"], bool)
             model.tails_ = [TailTable.from_json(t) for t in fitted["tails_"]]
             model.history_ = {k: list(v) for k, v in fitted["history_"].items()}
             expected = str(meta["weights_sha256"])

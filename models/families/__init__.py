@@ -115,10 +115,22 @@ def unregister_family(name: str) -> None:
 
 
 def family_names() -> tuple[str, ...]:
-    """Every registered name, built-ins first, in registration order."""
+    """Every registered name: the built-ins in :data:`BUILTIN_MODULES` order,
+    then the others, each module's names in registration order.
+
+    Sorted rather than taken as registered: importing one built-in module
+    first registers the others while it is still being imported.
+    """
     _load_builtins()
     with _lock:
-        return tuple(_registry)
+        families = dict(_registry)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    return tuple(
+        sorted(
+            families,
+            key=lambda n: rank.get(families[n].__module__, len(rank)),
+        )
+    )
 
 
 def get_family(name: str) -> type[ModelFamily]:

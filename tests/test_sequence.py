@@ -111,6 +111,58 @@ def test_context_columns_come_from_the_keys_or_the_settings() -> None:
         family.build({"window": 3}).bind_context(["Location"], kinds)
 
 
+def test_window_flag_and_fields_reach_the_family() -> None:
+    from flows.cli import _overrides, _parser
+    from flows.config import PipelineConfig, build_config
+    from tasks.errors import ConfigError
+
+    args = _parser().parse_args(
+        ["run", "--input", "x.csv", "--kind", "sequence", "--window", "5"]
+    )
+    cfg = build_config(None, _overrides(args))
+    params = cfg.estimator_params()
+    assert params["kind"] == "sequence" and params["window"] == 5
+    assert params["entity_column"] is None and "noise_std" not in params
+    # A default config hashes as before the fields existed; a set one differs.
+    plain = PipelineConfig(input="x.csv")
+    assert plain.config_hash() == PipelineConfig(input="x.csv", window=7).config_hash()
+    assert plain.config_hash() != PipelineConfig(input="x.csv", window=5).config_hash()
+    with pytest.raises(ConfigError, match="window") as info:
+        build_config(None, {"input": "x.csv", "kind": "sequence", "window": 1})
+    assert "\n" not in str(info.value)
+
+
+def test_benchmark_skips_without_the_data_and_plants_normal_looking_rows(
+    capsys, tmp_path
+) -> None:
+    from benchmarks import temporal
+    from tasks.synthetic import weatheraus_like
+
+    assert temporal.main(["--csv", str(tmp_path / "none.csv")]) == 0
+    assert capsys.readouterr().out.startswith("skipped: ")
+    frame = weatheraus_like(49 * 430, seed=2).to_pandas()
+    frame = frame[frame["Location"].isin(["Albany", "Cairns", "Darwin"])]
+    frame = frame.sort_values(["Location", "Date"], kind="stable")
+    frame = frame.reset_index(drop=True)
+    frame.attrs["numeric"] = list(temporal.SENSORS)
+    frame.attrs["categorical"] = ["WindGustDir"]
+    test, train = frame[frame["Date"] >= date(2008, 1, 1)], frame
+    test = test.reset_index(drop=True)
+    test.attrs = frame.attrs
+    planted, kind = temporal.plant(test, train, 1.5, seed=0)
+    assert {"stuck", "drift", "swap", "single"} <= set(kind)
+    # A stuck row repeats the reading before its run, cell for cell.
+    stuck = np.flatnonzero(kind == "stuck")[:5]
+    cells = [*temporal.SENSORS, "WindGustDir"]
+    for r in stuck:
+        assert planted.loc[r, cells].equals(planted.loc[stuck[0] - 1, cells])
+    # Unplanted rows are untouched; the rows after a planted one are set apart.
+    clean = kind == ""
+    pd.testing.assert_frame_equal(planted[clean], test[clean])
+    near = temporal.affected(planted, kind, 7)
+    assert near.any() and not (near & ~clean).any()
+
+
 # -------------------------------------------------------------- the pipeline
 
 

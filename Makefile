@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench bench-quality bench-anomaly serve clean
+.PHONY: install demo test lint format bench bench-quality bench-anomaly bench-temporal serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-quality: install
 # Real anomaly data sets from ../shared/data/anomaly (skips when absent).
 bench-anomaly: install
 	$(PY) -m benchmarks.anomaly
+
+# kind sequence on weatherAUS with planted temporal anomalies (skips when absent).
+bench-temporal: install
+	$(PY) -m benchmarks.temporal
 
 # Prefect server + scheduled deployments + MLflow UI, all on 127.0.0.1; Ctrl-C stops all.
 serve: install

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         "--kind", help="model family, e.g. ae or vae (docs/models.md lists them)"
     )
     run.add_argument("--epochs", type=int, help="most training epochs")
+    run.add_argument(
+        "--window", type=int, help="with --kind sequence: days per window (default 7)"
+    )
     run.add_argument("--device", help="auto | cpu | cuda")
     run.add_argument(
         "--runner",
@@ -190,6 +193,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "latent_dim": args.latent_dim,
         "kind": args.kind,
         "epochs": args.epochs,
+        "window": args.window,
         "device": args.device,
         "runner": args.runner,
         "dask_address": args.dask_address,

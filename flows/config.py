@@ -57,8 +57,15 @@ UNHASHED_FIELDS = frozenset(
     }
 )
 
-#: Fields added later, hashed only when set: an unset one changes no hash.
-HASHED_WHEN_SET = frozenset({"anomaly_score_threshold"})
+#: Fields added after hashes were published: hashed only when set to something
+#: other than their default, so every earlier config keeps its hash.
+_HASHED_WHEN_SET: dict[str, Any] = {
+    "anomaly_score_threshold": None,
+    "pca_axes": None,
+    "window": 7,
+    "entity_column": None,
+    "time_column": None,
+}
 
 DEFAULT_DATA_DIR = "latentflow-data"
 
@@ -224,6 +231,24 @@ class ModelSection(BaseModel):
         1e-4, ge=0, description="Contractive: Jacobian penalty weight"
     )
     beta: float = Field(1.0, ge=0, description="VAE: weight of the KL term")
+    window: int = Field(
+        7,
+        ge=2,
+        le=366,
+        description="Sequence: days per window (the row's own and the ones before)",
+    )
+    entity_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Sequence: the column naming each series (default: the"
+        " non-date key)",
+    )
+    time_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Sequence: the date or integer column ordering each series"
+        " (default: the date key)",
+    )
     random_state: int = Field(42, ge=0, description="Seed: same seed, same model")
     n_clusters: int | None = Field(
         None, ge=2, le=256, description="Add a KMeans cluster column on the latent"
@@ -546,7 +571,8 @@ class PipelineConfig(BaseModel):
         payload = {
             k: v
             for k, v in self.flat("json").items()
-            if k not in UNHASHED_FIELDS and not (k in HASHED_WHEN_SET and v is None)
+            if k not in UNHASHED_FIELDS
+            and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -26,10 +26,11 @@ from models.atomic import atomic_write_bytes
 from models.cells import as_text, cell_problems, parse_cells
 from models.explain import explanation_array
 from models.families import LEGACY_FAMILY, UnknownFamilyError, get_family
-from models.family import ModelFamily, Scores, score_rows
+from models.family import ModelFamily, Scores, is_anomaly, score_rows
 from models.integrity import check_manifest, write_manifest
 from models.percentile import percentile
 from models.preprocessing import TableLike, TabularPreprocessor
+from models.sequence_windows import WindowState, row_context
 
 BUNDLE_FORMAT = 1
 #: The served output's per-row reason, null for rows scored.
@@ -106,13 +107,38 @@ class LatentModel:
     def encode(self, data: TableLike) -> np.ndarray:
         return self.preprocessor.transform(data)
 
-    def score(self, data: TableLike) -> Scores:
+    @property
+    def context_columns(self) -> tuple[str, str] | None:
+        """``(entity, time)`` for a family that scores rows in their series
+        (``kind: sequence``), else None."""
+        if not getattr(self.estimator, "needs_context", False):
+            return None
+        return getattr(self.estimator, "context_columns", None)
+
+    def new_state(self) -> WindowState | None:
+        """What a stream of batches carries between them (None: nothing)."""
+        if self.context_columns is None:
+            return None
+        return self.estimator.new_state()  # type: ignore[attr-defined]
+
+    def score(self, data: TableLike, state: WindowState | None = None) -> Scores:
         """Latent features, anomaly scores and flags for ``data``.
 
         Arrays of shapes (n, latent_dim) float32, (n,) float32, (n,) bool.
-        The codes are on the aligned axes when the model has an alignment.
+        The codes are on the aligned axes when the model has an alignment. A
+        sequence model takes each row's history from the rows before it in
+        ``data`` and from ``state`` (the earlier batches of a stream), which
+        it updates; without ``state`` the rows are their own history.
         """
-        scores = score_rows(self.estimator, self.preprocessor.transform(data))
+        x = self.preprocessor.transform(data)
+        columns = self.context_columns
+        if columns is None:
+            scores = score_rows(self.estimator, x)
+        else:
+            latent, score = self.estimator.score_stream(  # type: ignore[attr-defined]
+                x, row_context(data, *columns), state
+            )
+            scores = Scores(latent, score, is_anomaly(score, self.threshold))
         if self.alignment is None:
             return scores
         return replace(scores, latent=self.alignment.apply(scores.latent))
@@ -129,6 +155,15 @@ class LatentModel:
             self.info.score_quantiles = quantiles
         return percentile(score, quantiles)
 
+    def advance(self, data: TableLike, state: WindowState | None) -> None:
+        """Feed rows into a stream's ``state`` without scoring them."""
+        columns = self.context_columns
+        if state is None or columns is None:
+            return
+        self.estimator.advance(  # type: ignore[attr-defined]
+            self.preprocessor.transform(data), row_context(data, *columns), state
+        )
+
     def clusters(self, latent: np.ndarray) -> np.ndarray | None:
         """Nearest learned cluster centre for each latent row, or None."""
         if not self.info.cluster_centers:
@@ -141,9 +176,32 @@ class LatentModel:
         """Per-input-column contributions to the score (rows x input columns):
         squared reconstruction errors for a reconstruction model."""
         x = self.preprocessor.transform(data)
-        fe = np.asarray(self.estimator.feature_contributions(x), dtype=np.float64)
-        names, per_col = self.preprocessor.source_errors(fe)
+        columns = self.context_columns
+        if columns is None:
+            fe = self.estimator.feature_contributions(x)
+        else:
+            fe = self.estimator.feature_contributions(  # type: ignore[call-arg]
+                x, row_context(data, *columns)
+            )
+        names, per_col = self.preprocessor.source_errors(
+            np.asarray(fe, dtype=np.float64)
+        )
         return pd.DataFrame(per_col, columns=names)
+
+    def day_contributions(self, data: TableLike) -> tuple[np.ndarray, np.ndarray]:
+        """For a sequence model: each row's score split over its window's days,
+        ``(n, window)``, and the day number each slot stands for (days since
+        1970-01-01, or the integer step), with the rows before it in ``data``
+        as its history."""
+        from models.sequence_windows import context_days
+
+        columns = self.context_columns
+        if columns is None:
+            raise ValueError("only a sequence model splits its scores over days")
+        ctx = row_context(data, *columns)
+        x = self.preprocessor.transform(data)
+        _, by_day = self.estimator.explain(x, ctx)  # type: ignore[attr-defined]
+        return by_day, context_days(ctx, by_day.shape[1])
 
     def predict_frame(self, data: pd.DataFrame | pa.Table) -> pd.DataFrame:
         """The pyfunc output: latent_*, recon_error, anomaly_score, is_anomaly
@@ -182,7 +240,14 @@ class LatentModel:
         """
         self.preprocessor.check_columns(data)
         n = len(data)
-        inputs = set(self.preprocessor.input_columns)
+        # A sequence model reads each row's entity and time as well.
+        needed = [*self.preprocessor.input_columns, *(self.context_columns or ())]
+        inputs = set(needed)
+        missing = [c for c in needed if c not in data.columns]
+        if missing:
+            raise ValueError(
+                f"the data lacks column(s) the model needs: {', '.join(missing)}"
+            )
         specs = {
             c["name"]: (c.get("kind", "text"), c.get("role", "feature"))
             for c in self.info.input_schema.get("columns", [])
@@ -214,7 +279,7 @@ class LatentModel:
         labels = np.zeros(n, np.int32)
         why: list[Any] = [None] * n
         if len(good):
-            table = pa.table({c: typed[c] for c in self.preprocessor.input_columns})
+            table = pa.table({c: typed[c] for c in needed})
             rows = table.take(pa.array(good))
             scores = self.score(rows)
             latent[good] = scores.latent

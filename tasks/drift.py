@@ -124,6 +124,8 @@ def measure_drift(
     model = LatentModel.load(champion_dir, device=device)
     ref = model.info.reference or {}
     columns = model.preprocessor.input_columns
+    # A sequence model scores each row in its series: read who and when too.
+    columns += [c for c in model.context_columns or () if c not in columns]
     table, _ = read_training_rows(ingested_dir, columns, max_rows, seed)
     report = DriftReport(n_rows=table.num_rows)
     for name, r in ref.get("numeric", {}).items():

@@ -510,14 +510,24 @@ def model_params(model: LatentModel) -> dict[str, Any]:
 
 
 def _signature_example(model: LatentModel, sample: pd.DataFrame) -> pd.DataFrame:
-    """Feature columns only, typed as a user's raw frame would be."""
-    cols = model.preprocessor.input_columns
+    """Feature columns only (and a sequence model's entity and time), typed as
+    a user's raw frame would be."""
+    cols = _served_columns(model)
     ex = sample[cols].head(5).copy()
     for c in model.preprocessor.categorical:
         ex[c] = ex[c].astype(object)
     for c in model.preprocessor.numeric:
         ex[c] = ex[c].astype("float64")
+    for c in cols[len(model.preprocessor.input_columns) :]:
+        # Dates as a user sends them: ISO text (JSON has no date type).
+        ex[c] = ex[c].astype(str)
     return ex
+
+
+def _served_columns(model: LatentModel) -> list[str]:
+    """The columns a served request must carry."""
+    own = model.preprocessor.input_columns
+    return [*own, *[c for c in model.context_columns or () if c not in own]]
 
 
 def _signature(model: LatentModel, example: pd.DataFrame) -> Any:
@@ -528,7 +538,7 @@ def _signature(model: LatentModel, example: pd.DataFrame) -> Any:
     from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
     inputs = Schema(
-        [ColSpec(AnyType(), c, required=True) for c in model.preprocessor.input_columns]
+        [ColSpec(AnyType(), c, required=True) for c in _served_columns(model)]
     )
     del example  # the outputs are fixed by predict_raw, whatever the rows
     kinds = {cols.IS_ANOMALY: DataType.boolean, cols.CLUSTER: DataType.integer}

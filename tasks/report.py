@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from prefect import task
@@ -13,6 +16,10 @@ from prefect import task
 from models import columns as cols
 from tasks.drift import DriftReport
 from tasks.policy import PLAIN
+from tasks.sampling import iter_partition
+
+if TYPE_CHECKING:
+    from models.bundle import LatentModel
 
 #: Rows in the top-anomalies artifact.
 TOP_ROWS = 20
@@ -54,6 +61,55 @@ def top_anomalies(
     return rows
 
 
+def worst_features(
+    ingested_dir: Path,
+    bundle_dir: Path,
+    row_ids: list[int],
+    keys: list[str],
+    n: int = 3,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """For the given rows, the ``n`` input columns with the largest errors,
+    computed on ``device`` (the run's: ``auto`` is CUDA when present); for a
+    sequence model also the ``n`` days of the row's window that weigh most
+    (``day_1`` ...)."""
+    from models.bundle import LatentModel
+
+    if not row_ids:
+        return []
+    model = LatentModel.load(bundle_dir, device=device)
+    wanted = [
+        "_row_id",
+        *keys,
+        *[c for c in model.preprocessor.input_columns if c not in keys],
+    ]
+    wanted += [c for c in model.context_columns or () if c not in wanted]
+    table = pads.dataset(str(ingested_dir), format="parquet").to_table(
+        columns=wanted, filter=pc.field("_row_id").isin(row_ids)
+    )
+    days: list[list[str]] | None = None
+    if model.context_columns is not None:
+        table, days = _in_series(ingested_dir, model, table, wanted, n)
+    errs = model.source_errors(table)
+    rec_err = model.score(table).score
+    frame = table.to_pandas()
+    asked = set(row_ids)
+    rows = []
+    for i in range(table.num_rows):
+        if int(frame["_row_id"].iat[i]) not in asked:
+            continue  # history only
+        worst = errs.iloc[i].sort_values(ascending=False).head(n)
+        row = {"_row_id": int(frame["_row_id"].iat[i])}
+        row.update({k: str(frame[k].iat[i]) for k in keys})
+        row["recon_error"] = round(float(rec_err[i]), 4)
+        for rank, (col, val) in enumerate(worst.items(), start=1):
+            row[f"feature_{rank}"] = f"{col} ({val:.2f})"
+        for rank, text in enumerate(days[i] if days else [], start=1):
+            row[f"day_{rank}"] = text
+        rows.append(row)
+    return rows
+
+
 def drift_rows(drift: DriftReport) -> list[dict[str, Any]]:
     """The drift table artifact: each feature's PSI, worst first."""
     drifted = set(drift.drifted)
@@ -76,6 +132,64 @@ def plots_markdown(plots: list[Path], max_bytes: int = 400_000) -> str:
         name = Path(p).stem
         lines += [f"## {name}", "", f"![{name}](data:image/png;base64,{b64})", ""]
     return "\n".join(lines) + "\n"
+
+
+def _in_series(
+    ingested_dir: Path,
+    model: LatentModel,
+    rows: pa.Table,
+    columns: list[str],
+    n: int,
+) -> tuple[pa.Table, list[list[str]]]:
+    """A sequence model explains a row from its window: the rows' series over
+    their windows (in stream order) and, per row, its ``n`` heaviest days as
+    ``"<day> (<share>)"``."""
+    entity, time = model.context_columns or ("", "")
+    window = int(getattr(model.estimator, "window", 1))
+    times = rows.column(time)
+    start = pc.min(times).as_py()
+    if isinstance(start, dt.date):
+        start = start - dt.timedelta(days=window - 1)
+    elif start is not None:
+        start = start - (window - 1)
+    entities = rows.column(entity).unique()
+    end = pc.max(times).as_py()
+    # File and row-group order is the series' stream order (the scorer's).
+    parts = []
+    for batch in iter_partition(ingested_dir, columns):
+        t = batch.column(time)
+        keep = pc.and_(
+            pc.is_in(batch.column(entity), value_set=entities),
+            pc.and_(
+                pc.greater_equal(t, pa.scalar(start, t.type)),
+                pc.less_equal(t, pa.scalar(end, t.type)),
+            ),
+        )
+        parts.append(batch.filter(keep))
+    table = pa.Table.from_batches(parts).select(columns) if parts else rows
+    by_day, day_of = model.day_contributions(table)
+    as_date = pa.types.is_date(table.schema.field(time).type) or pa.types.is_timestamp(
+        table.schema.field(time).type
+    )
+    texts = []
+    for shares, days in zip(by_day, day_of, strict=True):
+        order = np.argsort(-shares, kind="stable")[:n]
+        texts.append(
+            [
+                f"{_day_text(int(days[j]), as_date)} ({float(shares[j]):.2f})"
+                for j in order
+                if shares[j] > 0
+            ]
+        )
+    return table, texts
+
+
+def _day_text(day: int, as_date: bool) -> str:
+    return (
+        (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+        if as_date
+        else str(day)
+    )
 
 
 def summary_markdown(
@@ -155,7 +269,8 @@ def publish_report(
         create_table_artifact(
             key=f"{key}-top-anomalies",
             table=top_rows,
-            description="Top anomalies and the three input columns that made them",
+            description="Top anomalies and the three input columns (and, for a"
+            " sequence model, days) that made them",
         )
     if drift:
         create_table_artifact(

@@ -41,6 +41,7 @@ from models.integrity import MANIFEST, IntegrityError
 from tasks.errors import SchemaError, TamperError
 from tasks.faults import checkpoint
 from tasks.partitions import (
+    Piece,
     WorkUnit,
     keep_only,
     partition_files,
@@ -259,6 +260,16 @@ def prepare_scoring(
         ),
     }
     schema = schema.with_metadata({k: v.encode() for k, v in metadata.items()})
+    # A sequence model also reads each row's entity and time columns.
+    context = [c for c in model.context_columns or () if c not in keys]
+    missing = [c for c in context if c not in names]
+    if missing:
+        raise SchemaError(
+            f"{ingested_dir}: the data lacks column(s) the sequence model"
+            f" {provenance.model_name} v{provenance.model_version} orders rows by:"
+            f" {', '.join(missing)}"
+        )
+    needed = [*needed, *[c for c in context if c not in needed]]
     columns = ["_row_id", *keys, *[c for c in needed if c not in keys]]
     return ScoreLayout(
         schema,
@@ -322,6 +333,21 @@ def _batches(
                 )
 
 
+def _preceding(unit: WorkUnit) -> WorkUnit:
+    """The partition's row groups before ``unit``'s first, as one unit."""
+    if not unit.pieces:
+        return WorkUnit(unit.index, ())
+    first = unit.pieces[0]
+    pieces = [
+        Piece(str(f), 0, pq.read_metadata(f).num_row_groups, 0)
+        for f in partition_files(Path(first.file).parent)
+        if f.name < Path(first.file).name
+    ]
+    if first.start:
+        pieces.append(Piece(first.file, 0, first.start, 0))
+    return WorkUnit(unit.index, tuple(pieces))
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Columns worth dictionary-encoding: keys and the constant model columns.
 
@@ -374,6 +400,13 @@ def score_unit(
     top: list[tuple[float, int]] = []
     sample: list[np.ndarray] = []
     target = Path(out_dir) / unit.output_name
+    # A sequence model's windows reach back into the rows before the unit:
+    # replay them into its state (no scoring; memory: window x entities), so
+    # a unit scores every row exactly as the single pass does.
+    state = model.new_state()
+    if state is not None:
+        for batch in _batches(_preceding(unit), layout.columns, batch_rows):
+            model.advance(batch, state)
     with (
         atomic_path(target) as tmp,
         pq.ParquetWriter(
@@ -384,7 +417,7 @@ def score_unit(
             n = batch.num_rows
             if n == 0:
                 continue
-            scores = model.score(batch)
+            scores = model.score(batch, state)
             err = scores.score
             pct = model.anomaly_score(err)
             flag = (

@@ -126,7 +126,17 @@ def train_model(
     if not numeric and not categorical:
         raise InputError(f"{ingested_dir}: no feature columns to train on")
     seed = int(estimator_params.get("random_state") or 0)
+    kind = str(estimator_params.get("kind", DEFAULT_FAMILY))
+    try:
+        family = get_family(kind)
+    except UnknownFamilyError as exc:
+        raise ConfigError(str(exc)) from None
+    est = family.build({**estimator_params, "kind": kind}, epoch_callback)
+    # A family that scores rows in their series (kind sequence) also reads
+    # each row's entity and time.
+    context_columns = bind_context(est, schema)
     wanted = [*numeric, *categorical] + ([label] if label else [])
+    wanted += [c for c in context_columns or () if c not in wanted]
     stats = PreprocessorStats(numeric, categorical)
     table, total = read_training_rows(
         ingested_dir, wanted, max_train_rows, seed, on_batch=stats.update
@@ -157,20 +167,18 @@ def train_model(
     )
     pre = TabularPreprocessor(numeric, categorical).fit_stats(stats, reopen)
     x_train, x_hold = pre.transform(train_t), pre.transform(hold_t)
-    kind = str(estimator_params.get("kind", DEFAULT_FAMILY))
-    try:
-        family = get_family(kind)
-    except UnknownFamilyError as exc:
-        raise ConfigError(str(exc)) from None
-    build_params = {**estimator_params, "kind": kind}
     if "one_hot_groups" in family.settings:
-        build_params["one_hot_groups"] = pre.one_hot_groups()
-    est = family.build(build_params, epoch_callback)
+        # Derived from the preprocessed layout, known only now (see
+        # models.families.DERIVED_SETTINGS).
+        est.set_params(one_hot_groups=pre.one_hot_groups())  # type: ignore[attr-defined]
     t0 = time.perf_counter()
-    est.fit(x_train)
-    fit_seconds = time.perf_counter() - t0
-
-    fitted, held = score_rows(est, x_train), score_rows(est, x_hold)
+    if context_columns is None:
+        est.fit(x_train)
+        fit_seconds = time.perf_counter() - t0
+        fitted, held = score_rows(est, x_train), score_rows(est, x_hold)
+    else:
+        fitted, held = fit_in_context(est, pre, table, context_columns, train_idx)
+        fit_seconds = time.perf_counter() - t0
     plots: list[str] = []
     if plots_dir is not None:
         plots = _plots(plots_dir, est, pre, hold_t, x_hold, held, label, seed)
@@ -295,6 +303,53 @@ def _align(
     alignment = fit_procrustes(codes, target, aligned_to=aligned_to)
     return alignment, champion.info.latent_space_id or new_space_id(
         champion.info.dataset, target
+    )
+
+
+def bind_context(est: ModelFamily, schema: TableSchema) -> tuple[str, str] | None:
+    """The entity and time columns of a family that needs them, else None."""
+    if not getattr(est, "needs_context", False):
+        return None
+    from models.sequence_windows import ContextColumnError
+
+    kinds = {c.name: c.kind for c in schema.columns}
+    try:
+        columns = est.bind_context(schema.keys, kinds)  # type: ignore[attr-defined]
+    except ContextColumnError as exc:
+        raise ConfigError(str(exc)) from None
+    absent = [c for c in columns if c not in kinds]
+    if absent:
+        raise ConfigError(
+            f"the entity/time column(s) {', '.join(absent)} of the sequence model"
+            " are not in the data"
+        )
+    return columns
+
+
+def fit_in_context(
+    est: ModelFamily,
+    pre: TabularPreprocessor,
+    table: pa.Table,
+    columns: tuple[str, str],
+    train_idx: np.ndarray,
+) -> tuple[Scores, Scores]:
+    """Fit a sequence family on the training rows, every sampled row serving
+    as history, and score all rows in their series: ``(train, holdout)``."""
+    from models.family import is_anomaly
+    from models.sequence_windows import ContextColumnError, row_context
+
+    try:
+        ctx = row_context(table, *columns)
+    except ContextColumnError as exc:
+        raise InputError(f"training rows: {exc}") from None
+    x_all = pre.transform(table)
+    est.fit(x_all, context=ctx, train_rows=train_idx)  # type: ignore[call-arg]
+    latent, score = est.encode_and_score(x_all, context=ctx)  # type: ignore[call-arg]
+    flags = is_anomaly(score, est.threshold_)
+    hold = np.setdiff1d(np.arange(len(score)), train_idx)
+    return (
+        Scores(latent[train_idx], score[train_idx], flags[train_idx]),
+        Scores(latent[hold], score[hold], flags[hold]),
     )
 
 

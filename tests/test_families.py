@@ -32,7 +32,7 @@ from models.family import (
     reconstruction_mse,
 )
 
-BUILTIN = ("ae", "denoising", "sparse", "contractive", "vae")
+BUILTIN = ("ae", "denoising", "sparse", "contractive", "vae", "sequence")
 
 
 # ------------------------------------------------------------------ a toy family
@@ -160,13 +160,15 @@ def pca_family() -> Iterator[type[PCAFamily]]:
 # --------------------------------------------------------------------- registry
 
 
-def test_builtin_families_are_the_autoencoder_kinds() -> None:
+def test_builtin_families_are_the_autoencoder_kinds_and_sequence() -> None:
     from models.estimator import KINDS
     from models.families.autoencoder import AutoencoderFamily
+    from models.families.sequence import SequenceFamily
 
-    assert family_names() == BUILTIN == KINDS
-    for name in BUILTIN:
+    assert family_names() == BUILTIN and BUILTIN[:-1] == KINDS
+    for name in KINDS:
         assert get_family(name) is AutoencoderFamily
+    assert get_family("sequence") is SequenceFamily
 
 
 def test_unknown_family_is_one_line_listing_the_names() -> None:
@@ -176,7 +178,7 @@ def test_unknown_family_is_one_line_listing_the_names() -> None:
     assert "\n" not in msg
     assert msg == (
         "unknown model family 'gan'; registered:"
-        " ae, denoising, sparse, contractive, vae"
+        " ae, denoising, sparse, contractive, vae, sequence"
     )
 
 
@@ -188,7 +190,9 @@ def test_unknown_kind_in_config_is_a_one_line_config_error(pca_family) -> None:
         build_config(None, {"input": "a.csv", "kind": "gan"})
     msg = str(exc.value)
     assert "\n" not in msg and "kind: unknown model family 'gan'" in msg
-    assert msg.endswith("registered: ae, denoising, sparse, contractive, vae, pca")
+    assert msg.endswith(
+        "registered: ae, denoising, sparse, contractive, vae, sequence, pca"
+    )
     # A registered family is a valid kind, with only its own settings passed on.
     cfg = build_config(None, {"input": "a.csv", "kind": "pca", "latent_dim": 2})
     assert cfg.estimator_params() == {

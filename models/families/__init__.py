@@ -20,7 +20,10 @@ from typing import Any, TypeVar
 from models.family import ModelFamily
 
 #: One line per built-in family module; each registers its names on import.
-BUILTIN_MODULES: tuple[str, ...] = ("models.families.autoencoder",)
+BUILTIN_MODULES: tuple[str, ...] = (
+    "models.families.autoencoder",
+    "models.families.sequence",
+)
 
 #: The family of the default config.
 DEFAULT_FAMILY = "ae"
@@ -121,10 +124,22 @@ def unregister_family(name: str) -> None:
 
 
 def family_names() -> tuple[str, ...]:
-    """Every registered name, built-ins first, in registration order."""
+    """Every registered name: the built-ins in :data:`BUILTIN_MODULES` order,
+    then the others, each module's names in registration order.
+
+    Sorted rather than taken as registered: importing one built-in module
+    first registers the others while it is still being imported.
+    """
     _load_builtins()
     with _lock:
-        return tuple(_registry)
+        families = dict(_registry)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    return tuple(
+        sorted(
+            families,
+            key=lambda n: rank.get(families[n].__module__, len(rank)),
+        )
+    )
 
 
 def get_family(name: str) -> type[ModelFamily]:

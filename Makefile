@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench bench-quality bench-anomaly serve clean
+.PHONY: install demo test lint format bench bench-quality bench-anomaly bench-synthesis serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-quality: install
 # Real anomaly data sets from ../shared/data/anomaly (skips when absent).
 bench-anomaly: install
 	$(PY) -m benchmarks.anomaly
+
+# GAN vs VAE vs independent columns on ../shared/data/weatherAUS.csv (skips when absent).
+bench-synthesis: install
+	$(PY) -m benchmarks.synthesis
 
 # Prefect server + scheduled deployments + MLflow UI, all on 127.0.0.1; Ctrl-C stops all.
 serve: install

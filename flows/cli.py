@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
 
     synth = sub.add_parser(
-        "synthesize", help="write synthetic rows of an ingested dataset (docs/synthesis.md)"
+        "synthesize",
+        help="write synthetic rows of an ingested dataset (docs/synthesis.md)",
     )
     synth.add_argument("--data-dir", required=True, help="the pipeline's output root")
     synth.add_argument("--dataset", required=True, help="dataset name, as ingested")

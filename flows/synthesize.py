@@ -97,7 +97,9 @@ def _train_or_reuse(
     fingerprint = src.fingerprint(
         base.forbidden, {"kind": kind, "rules": rules, **settings.to_dict()}
     )
-    found = find_generator(params.dataset, kind, fingerprint, data_dir / ".cache" / "models")
+    found = find_generator(
+        params.dataset, kind, fingerprint, data_dir / ".cache" / "models"
+    )
     if found is not None:
         gen, version = found
         return gen, {"version": version.version, "reused": True}
@@ -147,7 +149,9 @@ def _write(table: Any, output: Path) -> None:
 
 
 load_task = task(_load, name="load-rows", **PLAIN)
-train_task = task(_train_or_reuse, name="train-generator", task_run_name="train-{kind}", **PLAIN)
+train_task = task(
+    _train_or_reuse, name="train-generator", task_run_name="train-{kind}", **PLAIN
+)
 
 
 @task(name="generate", task_run_name="generate-{kind}", **PLAIN)
@@ -192,14 +196,18 @@ def synthesize(params: SynthesizeParams) -> dict[str, Any]:
     for kind in LEARNT:
         gens[kind], versions[kind] = train_task(kind, src, params, baseline, rules)
     n_eval = min(params.rows, EVAL_ROWS, max(src.holdout.num_rows, 1) * 2)
-    out = generate_task(params.generator, gens[params.generator], params.rows, params.seed, rules)
+    out = generate_task(
+        params.generator, gens[params.generator], params.rows, params.seed, rules
+    )
     samples = {}
     for kind, gen in gens.items():
         if kind == params.generator:
             samples[kind] = out.table.slice(0, n_eval)
         else:
             samples[kind] = generate_task(kind, gen, n_eval, params.seed, rules).table
-    report = report_task(src, {k: samples[k] for k in ("gan", "vae", "independent")}, params.seed)
+    report = report_task(
+        src, {k: samples[k] for k in ("gan", "vae", "independent")}, params.seed
+    )
     output = Path(params.output)
     _write(out.table, output)
     text = report.text()
@@ -238,5 +246,7 @@ def _all_hashes(gen: TableGenerator, src: SourceRows) -> Any:
     import numpy as np
 
     return np.unique(
-        np.concatenate([gen.space.row_hashes(src.train), gen.space.row_hashes(src.holdout)])
+        np.concatenate(
+            [gen.space.row_hashes(src.train), gen.space.row_hashes(src.holdout)]
+        )
     )

@@ -56,7 +56,12 @@ class NumericRange:
     decimals: int | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "lo": self.lo, "hi": self.hi, "decimals": self.decimals}
+        return {
+            "name": self.name,
+            "lo": self.lo,
+            "hi": self.hi,
+            "decimals": self.decimals,
+        }
 
 
 class RawSpace:
@@ -149,7 +154,9 @@ class RawSpace:
             cols[name] = pa.array(lab.tolist(), pa.string())
         return pa.table(cols)
 
-    def inverse(self, x: np.ndarray, rng: np.random.Generator | None = None) -> pa.Table:
+    def inverse(
+        self, x: np.ndarray, rng: np.random.Generator | None = None
+    ) -> pa.Table:
         """Model-space rows ``(n, n_features_out)`` to a raw table.
 
         An indicator above 0.5 is a null. A block's label is its largest

@@ -150,7 +150,9 @@ class TableGenerator:
                 self.model = _fit_vae(x, settings)
             self.history = dict(self.model.history_)
         if settings.calibrate:
-            ref = self._draw_uncalibrated(CALIBRATION_ROWS, settings.seed + 1_000_003)
+            # A few times the training rows is enough to pin the quantiles.
+            n_ref = min(CALIBRATION_ROWS, max(2000, 4 * table.num_rows))
+            ref = self._draw_uncalibrated(n_ref, settings.seed + 1_000_003)
             self.calibration = {
                 name: {
                     "generated": _quantiles(ref[name]),
@@ -208,7 +210,7 @@ class TableGenerator:
                 idx = _draw_rows(p / p.sum(axis=1, keepdims=True), rng)
                 labels[name] = np.asarray(levels, dtype=object)[idx]
             else:
-                labels[name] = space.levels_of(block, levels[:-1] + ["_"])
+                labels[name] = space.levels_of(block, [*levels[:-1], "_"])
         return space.to_table(numeric, missing, labels)
 
     def _draw_independent(self, n: int, rng: np.random.Generator) -> pa.Table:
@@ -348,7 +350,9 @@ def _fit_gan(x: np.ndarray, space: RawSpace, settings: GeneratorSettings) -> Any
     ind = space.indicator_index()
     blocks = [(j, len(levels)) for j, levels in space.category_blocks().values()]
     spans = spans_of(len(pre.numeric), list(ind.values()), blocks)
-    observed = {i: x[:, ind[name]] < 0.5 for i, name in enumerate(pre.numeric) if name in ind}
+    observed = {
+        i: x[:, ind[name]] < 0.5 for i, name in enumerate(pre.numeric) if name in ind
+    }
     gan = TabularGAN(
         spans,
         steps=settings.gan_steps,
@@ -393,7 +397,9 @@ class Generated:
     copies: int
 
 
-def generate(gen: TableGenerator, n: int, seed: int, keep: Keep | None = None) -> Generated:
+def generate(
+    gen: TableGenerator, n: int, seed: int, keep: Keep | None = None
+) -> Generated:
     """``n`` rows that pass ``keep`` (the dataset's rules) and are not a
     training row nor a repeat of another output row.
 

@@ -30,17 +30,15 @@ Saved as a state_dict (``torch.load(weights_only=True)``) plus JSON.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 #: Drop mixture modes lighter than this (CTGAN's weight threshold).
 MODE_WEIGHT_MIN = 0.005
@@ -113,7 +111,9 @@ def _gmm_modes(x: np.ndarray, max_modes: int, seed: int) -> tuple[np.ndarray, ..
     weights = np.full(k, 1.0 / k)
     floor = 1e-3 * spread
     for _ in range(50):
-        logp = -0.5 * ((x[:, None] - means) / stds) ** 2 - np.log(stds) + np.log(weights)
+        logp = (
+            -0.5 * ((x[:, None] - means) / stds) ** 2 - np.log(stds) + np.log(weights)
+        )
         logp -= logp.max(axis=1, keepdims=True)
         resp = np.exp(logp)
         resp /= resp.sum(axis=1, keepdims=True)
@@ -155,12 +155,18 @@ class ModeNormalizer:
                 col[obs] if obs is not None else col, max_modes, seed + i
             )
             modes.append(
-                {"means": means.tolist(), "stds": stds.tolist(), "weights": weights.tolist()}
+                {
+                    "means": means.tolist(),
+                    "stds": stds.tolist(),
+                    "weights": weights.tolist(),
+                }
             )
         return cls(spans, modes)
 
     def _num(self) -> list[tuple[Span, dict[str, list[float]]]]:
-        return list(zip([s for s in self.spans if s.kind == "num"], self.modes, strict=True))
+        return list(
+            zip([s for s in self.spans if s.kind == "num"], self.modes, strict=True)
+        )
 
     def widths(self) -> list[tuple[str, int]]:
         """Output layout: ("tanh", 1) and ("softmax", k) pieces, in span order."""
@@ -271,7 +277,10 @@ class Critic(nn.Module):
 
 
 def _activate(
-    raw: torch.Tensor, layout: list[tuple[str, int]], tau: float, gen: torch.Generator | None
+    raw: torch.Tensor,
+    layout: list[tuple[str, int]],
+    tau: float,
+    gen: torch.Generator | None,
 ) -> torch.Tensor:
     """tanh for offsets; Gumbel-softmax for modes and levels (hard when
     ``tau`` is 0: one level drawn per span, with the softmax's probabilities)."""
@@ -295,7 +304,9 @@ def _activate(
 class ConditionSampler:
     """Condition vectors and the real rows that match them (see the module doc)."""
 
-    def __init__(self, data: np.ndarray, layout: list[tuple[str, int]], spans: Sequence[Span]):
+    def __init__(
+        self, data: np.ndarray, layout: list[tuple[str, int]], spans: Sequence[Span]
+    ):
         # The discrete spans' (offset in data, width), in condition order.
         self.blocks: list[tuple[int, int]] = []
         j = 0
@@ -338,7 +349,9 @@ class ConditionSampler:
             cond[idx, offs[b] + level[idx]] = 1.0
         return cond, span, level
 
-    def real_rows(self, span: np.ndarray, level: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def real_rows(
+        self, span: np.ndarray, level: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         out = np.empty(len(span), np.int64)
         for i, (b, k) in enumerate(zip(span.tolist(), level.tolist(), strict=True)):
             rows = self.rows[b][k]
@@ -398,7 +411,10 @@ class TabularGAN:
         self.max_modes = max_modes
         self.lr = lr
         self.random_state = random_state
-        self.history_: dict[str, list[float]] = {"critic_loss": [], "generator_loss": []}
+        self.history_: dict[str, list[float]] = {
+            "critic_loss": [],
+            "generator_loss": [],
+        }
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -440,8 +456,12 @@ class TabularGAN:
     def _train(self, data: torch.Tensor, rng: np.random.Generator) -> None:
         gen = self.generator_
         critic = Critic(self.width_ + self.cond_width_, self.hidden, self.pac)
-        opt_g = torch.optim.Adam(gen.parameters(), self.lr, betas=(0.5, 0.9), weight_decay=1e-6)
-        opt_d = torch.optim.Adam(critic.parameters(), self.lr, betas=(0.5, 0.9), weight_decay=1e-6)
+        opt_g = torch.optim.Adam(
+            gen.parameters(), self.lr, betas=(0.5, 0.9), weight_decay=1e-6
+        )
+        opt_d = torch.optim.Adam(
+            critic.parameters(), self.lr, betas=(0.5, 0.9), weight_decay=1e-6
+        )
         b = self.batch_size
         blocks = self.sampler_.blocks
         for _step in range(self.steps):
@@ -478,7 +498,9 @@ class TabularGAN:
             self.history_["critic_loss"].append(float(loss_d.detach()))
             self.history_["generator_loss"].append(float(loss_g.detach()))
 
-    def _penalty(self, critic: Critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    def _penalty(
+        self, critic: Critic, real: torch.Tensor, fake: torch.Tensor
+    ) -> torch.Tensor:
         pac = self.pac
         alpha = torch.rand(real.shape[0] // pac, 1, 1).repeat(1, pac, real.shape[1])
         alpha = alpha.reshape(-1, real.shape[1])
@@ -530,7 +552,9 @@ class TabularGAN:
         return {k: v.detach().clone() for k, v in self.generator_.state_dict().items()}
 
     @classmethod
-    def restore(cls, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> TabularGAN:
+    def restore(
+        cls, meta: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> TabularGAN:
         settings = dict(meta["settings"])
         spans = [Span(**s) for s in meta["spans"]]
         self = cls(spans, **settings)
@@ -542,7 +566,9 @@ class TabularGAN:
         return self
 
 
-def spans_of(n_numeric: int, indicators: Sequence[int], blocks: Sequence[tuple[int, int]]) -> list[Span]:
+def spans_of(
+    n_numeric: int, indicators: Sequence[int], blocks: Sequence[tuple[int, int]]
+) -> list[Span]:
     """Spans of a preprocessed matrix: numbers, then indicators, then blocks."""
     out = [Span("num", i) for i in range(n_numeric)]
     out += [Span("cat", j, 1, indicator=True) for j in indicators]

@@ -122,9 +122,7 @@ def register_generator(
     experiment_id = ensure_experiment(dataset, data_dir)
     client = _safe("open the tracking store", MlflowClient)
     signature = ModelSignature(
-        inputs=Schema(
-            [ColSpec(DataType.long, "rows"), ColSpec(DataType.long, "seed")]
-        )
+        inputs=Schema([ColSpec(DataType.long, "rows"), ColSpec(DataType.long, "seed")])
     )
     tags = {TAG_KIND: kind, TAG_FINGERPRINT: fingerprint}
 
@@ -202,7 +200,11 @@ def _record(client: Any, name: str, version: int, gen_dir: Path) -> None:
 
 
 def log_report(
-    dataset: str, data_dir: Path, report_text: str, report: dict[str, Any], tags: dict[str, str]
+    dataset: str,
+    data_dir: Path,
+    report_text: str,
+    report: dict[str, Any],
+    tags: dict[str, str],
 ) -> str:
     """A run holding the quality report (``synthesis_report.md`` and ``.json``)."""
     import mlflow
@@ -216,7 +218,12 @@ def log_report(
             mlflow.log_text(report_text, "synthesis_report.md")
             mlflow.log_dict(report, "synthesis_report.json")
             for kind, figures in report["generators"].items():
-                for key in ("column_distance_mean", "correlation_difference", "detection_auc", "probe_auc"):
+                for key in (
+                    "column_distance_mean",
+                    "correlation_difference",
+                    "detection_auc",
+                    "probe_auc",
+                ):
                     value = figures.get(key)
                     if value is not None:
                         mlflow.log_metric(f"{kind}_{key}", float(value))

@@ -35,7 +35,9 @@ from models.preprocessing import MISSING, TabularPreprocessor, _as_float
 EVAL_ROWS = 4000
 
 
-def column_distance(real: pa.ChunkedArray, synth: pa.ChunkedArray, numeric: bool) -> float:
+def column_distance(
+    real: pa.ChunkedArray, synth: pa.ChunkedArray, numeric: bool
+) -> float:
     """Distance of one column's distributions (see the module doc)."""
     if numeric:
         a, b = _as_float(real), _as_float(synth)
@@ -61,7 +63,9 @@ def _freq(col: pa.ChunkedArray) -> dict[str, float]:
     return {k: c / n for k, c in out.items()}
 
 
-def correlation_difference(real: pa.Table, synth: pa.Table, numeric: Sequence[str]) -> float:
+def correlation_difference(
+    real: pa.Table, synth: pa.Table, numeric: Sequence[str]
+) -> float:
     """Mean |corr_real - corr_synth| over the pairs of numeric columns."""
     import pandas as pd
 
@@ -81,7 +85,13 @@ def correlation_difference(real: pa.Table, synth: pa.Table, numeric: Sequence[st
 def _classifier(seed: int) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    return HistGradientBoostingClassifier(max_iter=100, random_state=seed)
+    return HistGradientBoostingClassifier(
+        max_iter=40,
+        max_leaf_nodes=8,
+        max_bins=63,
+        early_stopping=False,
+        random_state=seed,
+    )
 
 
 def _rows(t: pa.Table, n: int, rng: np.random.Generator) -> pa.Table:
@@ -100,7 +110,7 @@ def detection_auc(
     n = min(real.num_rows, synth.num_rows, EVAL_ROWS)
     xr = encoder.transform(_rows(real, n, rng))
     xs = encoder.transform(_rows(synth, n, rng))
-    x = np.vstack([xr, xs])
+    x = np.vstack([xr, xs]).astype(np.float64)
     y = np.r_[np.zeros(len(xr)), np.ones(len(xs))]
     test = rng.random(len(y)) < 0.5
     clf = _classifier(seed).fit(x[~test], y[~test])
@@ -230,7 +240,11 @@ class QualityReport:
 
     def text(self) -> str:
         """The table plus the verdict, as printed and logged."""
-        out = [f"Synthetic-data quality ({self.rows} rows per generator)", "", self.table()]
+        out = [
+            f"Synthetic-data quality ({self.rows} rows per generator)",
+            "",
+            self.table(),
+        ]
         for kind in self.figures:
             if kind == "independent":
                 continue
@@ -248,7 +262,20 @@ class QualityReport:
         return "\n".join(out)
 
 
-def evaluate(
+def evaluate(*args: Any, **kwargs: Any) -> QualityReport:
+    """:func:`evaluate_rows` with scikit-learn and BLAS on one thread.
+
+    The classifiers are small; on a shared 2-core machine their OpenMP threads
+    spent minutes waiting for each other (a 300-row report took 5 min with
+    two threads under load, seconds with one).
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        return evaluate_rows(*args, **kwargs)
+
+
+def evaluate_rows(
     real_train: pa.Table,
     real_holdout: pa.Table,
     synthetic: Mapping[str, pa.Table],
@@ -274,10 +301,15 @@ def evaluate(
         positive = str(values[np.argmin(counts)]) if len(values) else None
     probe_real = None
     if label is not None and positive is not None:
-        probe_real = probe_auc(real_train, real_holdout, probe_enc, label, positive, seed)
+        probe_real = probe_auc(
+            real_train, real_holdout, probe_enc, label, positive, seed
+        )
     figures = {}
     for kind, synth in synthetic.items():
-        cols = {c: column_distance(real_holdout.column(c), synth.column(c), True) for c in numeric}
+        cols = {
+            c: column_distance(real_holdout.column(c), synth.column(c), True)
+            for c in numeric
+        }
         cols.update(
             {
                 c: column_distance(real_holdout.column(c), synth.column(c), False)

@@ -37,7 +37,9 @@ def check_request(data_dir: Path, dataset: str, rows: int, output: Path) -> Path
     ingested partition. Every refusal is a one-line LatentflowError."""
     validate_dataset_name(dataset)
     if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= MAX_ROWS:
-        raise ConfigError(f"--rows must be an integer from 1 to {MAX_ROWS}, got {rows!r}")
+        raise ConfigError(
+            f"--rows must be an integer from 1 to {MAX_ROWS}, got {rows!r}"
+        )
     check_output(output)
     return latest_partition(data_dir, dataset)
 
@@ -58,7 +60,11 @@ def check_output(output: Path) -> None:
 def latest_partition(data_dir: Path, dataset: str) -> Path:
     """The newest ``run_date=`` partition of ``ingested/<dataset>`` with rows."""
     root = resolve_under(Path(data_dir), "ingested", dataset)
-    parts = sorted(p for p in root.glob("run_date=*") if p.is_dir()) if root.is_dir() else []
+    parts = (
+        sorted(p for p in root.glob("run_date=*") if p.is_dir())
+        if root.is_dir()
+        else []
+    )
     parts = [p for p in parts if partition_files(p)]
     if not parts:
         raise InputError(

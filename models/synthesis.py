@@ -97,9 +97,6 @@ class TableGenerator:
     #: The dataset's domain rules, kept with the generator so that its served
     #: rows pass them too (see tasks.synth_rules).
     rules: list[str] = field(default_factory=list)
-    #: VAE only: per column, the decoded missing probability above which a
-    #: value is missing, set so that the training rate comes out.
-    missing_thresholds: dict[str, float] = field(default_factory=dict)
 
     def kinds(self) -> dict[str, str]:
         """Each generated column's kind, as the rules see it."""
@@ -155,21 +152,7 @@ class TableGenerator:
         if settings.calibrate:
             # A few times the training rows is enough to pin the quantiles.
             n_ref = min(CALIBRATION_ROWS, max(2000, 4 * table.num_rows))
-            x_ref = self._matrix(n_ref, settings.seed + 1_000_003)
-            ref = self._raw_numeric(x_ref)
-            if kind == "vae":
-                # A threshold rather than a coin per cell: rows whose decoded
-                # code says "no sensor" lose the value, so gaps stay together
-                # (a station without Sunshine lacks Evaporation too) at the
-                # training rate, where decoded probabilities came out too low.
-                self.missing_thresholds = {
-                    name: float(
-                        np.quantile(
-                            x_ref[:, j], 1 - self.marginals[name]["missing_rate"]
-                        )
-                    )
-                    for name, j in space.indicator_index().items()
-                }
+            ref = self._draw_uncalibrated(n_ref, settings.seed + 1_000_003)
             self.calibration = {
                 name: {
                     "generated": _quantiles(ref[name]),
@@ -189,8 +172,9 @@ class TableGenerator:
         with one_thread():
             return np.asarray(self.model.sample(n, random_state=seed), np.float32)
 
-    def _raw_numeric(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _draw_uncalibrated(self, n: int, seed: int) -> dict[str, np.ndarray]:
         """Raw-unit numeric values before clipping, rounding and calibration."""
+        x = self._matrix(n, seed)
         pre = self.space.pre
         return {
             name: x[:, i].astype(np.float64) * pre.scales_[i] + pre.means_[i]
@@ -214,9 +198,7 @@ class TableGenerator:
         missing = {}
         for name, j in space.indicator_index().items():
             p = x[:, j]
-            if name in self.missing_thresholds:
-                missing[name] = p > self.missing_thresholds[name]
-            elif self.kind == "vae":  # decoded probabilities: draw
+            if self.kind == "vae":  # decoded probabilities: draw, do not threshold
                 missing[name] = rng.random(n) < np.clip(p, 0.0, 1.0)
             else:
                 missing[name] = p > 0.5
@@ -270,7 +252,6 @@ class TableGenerator:
             "marginals": self.marginals,
             "n_train_rows": self.n_train_rows,
             "rules": self.rules,
-            "missing_thresholds": self.missing_thresholds,
         }
         if self.kind == "gan":
             meta["gan"] = self.model.to_dict()
@@ -329,7 +310,6 @@ class TableGenerator:
             forbidden=hashes,
             n_train_rows=int(meta["n_train_rows"]),
             rules=list(meta.get("rules", [])),
-            missing_thresholds=dict(meta.get("missing_thresholds", {})),
         )
 
 

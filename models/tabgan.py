@@ -397,7 +397,7 @@ class TabularGAN:
         hidden: Sequence[int] = (128, 128),
         pac: int = 10,
         max_modes: int = 6,
-        lr: float = 2e-3,
+        lr: float = 2e-4,
         random_state: int = 0,
     ) -> None:
         if batch_size % pac:

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.atomic import atomic_path, atomic_write_bytes
+from models.errors import LatentflowError
 from models.integrity import check_manifest, write_manifest
 from models.preprocessing import MISSING, TabularPreprocessor, _as_float
 from models.rawspace import RawSpace
@@ -61,8 +62,9 @@ MAX_ROUNDS = 60
 Keep = Callable[[pa.Table], np.ndarray]
 
 
-class GenerationError(ValueError):
-    """Too few rows passed the rules and the copy check (one-line message)."""
+class GenerationError(LatentflowError):
+    """Too few rows passed the rules and the copy check (one-line message: the
+    CLI shows it without a traceback and exits 2)."""
 
 
 @dataclass

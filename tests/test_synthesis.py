@@ -310,3 +310,27 @@ def test_deployment_form_is_the_parameter_model(tmp_path):
     assert form["generator"]["enum"] == ["gan", "vae"]
     assert form["rows"]["exclusiveMinimum"] == 0
     assert dep.parameters["params"]["output"].startswith(str(tmp_path))
+
+
+def test_rules_no_row_can_pass_are_a_one_line_user_error():
+    from models.synthesis import GenerationError, GeneratorSettings, TableGenerator
+    from models.synthesis import generate as draw
+    from tasks.errors import LatentflowError
+    from tasks.synth_rules import rule_filter
+
+    table = pa.table(
+        {
+            "MinTemp": pa.array([1.0, 2.5, 3.0, 4.0] * 5),
+            "RainToday": pa.array(["No", "Yes", "No", None] * 5),
+        }
+    )
+    gen = TableGenerator.fit(
+        "independent", table, ["MinTemp"], ["RainToday"], GeneratorSettings()
+    )
+    keep = rule_filter(
+        ["MinTemp > 1000"], {"MinTemp": "numeric", "RainToday": "categorical"}
+    )
+    with pytest.raises(GenerationError, match="only 0 of 5 generated rows") as info:
+        draw(gen, 5, 0, keep)
+    assert isinstance(info.value, LatentflowError)
+    assert "\n" not in str(info.value)

@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench bench-quality bench-anomaly bench-temporal serve clean
+.PHONY: install demo test lint format bench bench-quality bench-anomaly bench-temporal \
+	bench-synthesis serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,10 @@ bench-anomaly: install
 # kind sequence on weatherAUS with planted temporal anomalies (skips when absent).
 bench-temporal: install
 	$(PY) -m benchmarks.temporal
+
+# GAN vs VAE vs independent columns on ../shared/data/weatherAUS.csv (skips when absent).
+bench-synthesis: install
+	$(PY) -m benchmarks.synthesis
 
 # Prefect server + scheduled deployments + MLflow UI, all on 127.0.0.1; Ctrl-C stops all.
 serve: install

@@ -51,6 +51,7 @@ from prefect.client.schemas.objects import (
 from prefect.client.schemas.schedules import CronSchedule
 
 from flows.nightly import nightly
+from flows.synthesize import synthesize
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -68,6 +69,8 @@ NIGHTLY_LOCK_WAIT_SECONDS = 3600.0
 TAGS = ["latentflow"]
 
 ENTRYPOINT = "deployments.definitions.nightly_deployed"
+SYNTHESIZE = "latentflow-synthesize"
+SYNTHESIZE_ENTRYPOINT = "deployments.definitions.synthesize_deployed"
 
 
 def flow_timeout_seconds() -> float:
@@ -87,6 +90,9 @@ def flow_timeout_seconds() -> float:
 # The flow as deployed. The timeout is deployment policy, so it is set here and
 # flows/nightly.py stays runnable without one from the CLI.
 nightly_deployed = nightly.with_options(timeout_seconds=flow_timeout_seconds())
+
+
+synthesize_deployed = synthesize.with_options(timeout_seconds=flow_timeout_seconds())
 
 
 def default_data_dir() -> Path:
@@ -215,3 +221,44 @@ def build_deployments(
         **common,
     )
     return [nightly_dep, on_demand]
+
+
+def synthesize_parameters(data_dir: Path | str | None = None) -> dict[str, Any]:
+    """Default parameters of ``latentflow-synthesize``: 10,000 weatherAUS rows
+    by the GAN into ``<data-dir>/weatheraus-synthetic.parquet``."""
+    data = Path(data_dir or default_data_dir())
+    return {
+        "params": {
+            "data_dir": str(data),
+            "dataset": "weatheraus",
+            "rows": 10_000,
+            "output": str(data / "weatheraus-synthetic.parquet"),
+            "generator": "gan",
+        }
+    }
+
+
+def build_synthesis_deployment(
+    *,
+    data_dir: Path | str | None = None,
+    work_pool_name: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+) -> RunnerDeployment:
+    """The ``latentflow-synthesize`` deployment (no schedule): its run form is
+    :class:`flows.synthesize.SynthesizeParams`, checked before a run is created."""
+    from prefect.deployments.runner import RunnerDeployment
+
+    return RunnerDeployment.from_entrypoint(
+        SYNTHESIZE_ENTRYPOINT,
+        name=SYNTHESIZE,
+        parameters=synthesize_parameters(data_dir),
+        description=(
+            "Write synthetic rows of an ingested dataset (GAN or VAE) and their"
+            " quality report against the independent-columns baseline."
+        ),
+        tags=[*TAGS, "synthesize"],
+        concurrency_limit=one_at_a_time(),
+        enforce_parameter_schema=True,
+        work_pool_name=work_pool_name,
+        job_variables=job_variables if work_pool_name else None,
+    )

@@ -95,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--version", type=int, help="model version")
     which.add_argument("--alias", default="champion", help="alias (default champion)")
     serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+
+    synth = sub.add_parser(
+        "synthesize",
+        help="write synthetic rows of an ingested dataset (docs/synthesis.md)",
+    )
+    synth.add_argument("--data-dir", required=True, help="the pipeline's output root")
+    synth.add_argument("--dataset", required=True, help="dataset name, as ingested")
+    synth.add_argument("--rows", required=True, type=int, help="rows to write")
+    synth.add_argument("--output", required=True, help="Parquet file to write")
+    synth.add_argument("--generator", choices=["gan", "vae"], default="gan")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--gan-steps", type=int, default=500, help="GAN training steps")
+    synth.add_argument("--vae-epochs", type=int, default=40, help="VAE training epochs")
     return p
 
 
@@ -265,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.data_dir), args.dataset, args.version, args.alias, args.port
             )
             return 0
-        if args.command == "demo":
+        if args.command == "synthesize":
+            from flows.synthesize_cli import run_synthesize
+
+            summary = run_synthesize(args)
+        elif args.command == "demo":
             summary = _demo(args)
         else:
             if not args.input and not args.config:

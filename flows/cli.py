@@ -224,7 +224,7 @@ def run_pipeline(
     # The flow imports torch and MLflow (seconds): only once the run is valid.
     from flows.runtime_checks import check_runtime
 
-    server = _prepare_prefect(server)
+    server = _prepare_prefect(server, early_server)
     from flows.nightly import nightly
 
     _install_log_filter()
@@ -239,15 +239,20 @@ def run_pipeline(
 
 def _start_server() -> TemporaryServer | None:
     from flows.prefect_server import TemporaryServer, wants_temporary_server
+    from flows.runtime_checks import check_prefect_sqlite, default_prefect_database
 
-    if not wants_temporary_server(os.environ) or _env_prefect_on_postgres():
-        return None  # a running server, or a database migrated first (below)
+    if not wants_temporary_server(os.environ) or _env_sets_prefect_database():
+        # A running server; or a database URL, checked (and a PostgreSQL one
+        # migrated) before a server starts on it (below).
+        return None
+    # A corrupt database is one line here, not a server's traceback.
+    check_prefect_sqlite(default_prefect_database())
     return TemporaryServer().start()
 
 
-def _env_prefect_on_postgres() -> bool:
+def _env_sets_prefect_database() -> bool:
     return any(
-        os.environ.get(name, "").startswith("postgresql")
+        os.environ.get(name)
         for name in (
             "PREFECT_API_DATABASE_CONNECTION_URL",
             "PREFECT_SERVER_DATABASE_CONNECTION_URL",
@@ -255,7 +260,9 @@ def _env_prefect_on_postgres() -> bool:
     )
 
 
-def _prepare_prefect(server: TemporaryServer | None) -> TemporaryServer | None:
+def _prepare_prefect(
+    server: TemporaryServer | None, early: bool
+) -> TemporaryServer | None:
     """Check Prefect's database; keep the early server only if it is wanted.
 
     Prefect's settings can also come from a profile or a settings file, which
@@ -263,17 +270,24 @@ def _prepare_prefect(server: TemporaryServer | None) -> TemporaryServer | None:
     PostgreSQL database is migrated (:func:`check_prefect_database`) before
     any server starts on it.
     """
-    from flows.prefect_server import configured_api_url
+    from flows.prefect_server import (
+        TemporaryServer,
+        configured_api_url,
+        wants_temporary_server,
+    )
     from flows.runtime_checks import check_prefect_database, prefect_on_postgres
 
-    if server is not None and configured_api_url():
-        server.stop()
+    if configured_api_url():
+        if server is not None:
+            server.stop()
         return None
     if server is not None and prefect_on_postgres():
         server.stop()
-        check_prefect_database()
-        return server.start()
+        server = None
     check_prefect_database()
+    if server is None and early and wants_temporary_server(os.environ):
+        # The database is checked (a PostgreSQL one migrated): start it now.
+        server = TemporaryServer().start()
     return server
 
 

@@ -114,7 +114,17 @@ def check_prefect_database() -> None:
         return
     if url.database.startswith(":memory:") or "mode=memory" in str(url.query):
         return
-    path = Path(url.database).expanduser()
+    check_prefect_sqlite(Path(url.database).expanduser())
+
+
+def default_prefect_database() -> Path:
+    """Where Prefect keeps its SQLite database when nothing else is configured."""
+    home = os.environ.get("PREFECT_HOME") or "~/.prefect"
+    return Path(home).expanduser() / "prefect.db"
+
+
+def check_prefect_sqlite(path: Path) -> None:
+    """A Prefect SQLite database that exists must be a readable database."""
     if not path.exists():
         return  # created on first use
     if not path.is_file():

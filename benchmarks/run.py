@@ -512,10 +512,11 @@ def bench_dask(
 # Start-up as the CLI does it: the temporary server launched before the
 # imports, the flow pointed at it once it answers.
 _TRIVIAL_FLOW = """
+import flows.cli
+flows.cli._quiet_logging()
 from flows.prefect_server import TemporaryServer
 server = TemporaryServer().start()
-import flows.cli, flows.nightly
-flows.cli._quiet_logging()
+import flows.nightly
 flows.cli._use_api(server.wait(120))
 from prefect import flow
 @flow

@@ -37,13 +37,23 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for."""
 
-    try:
-        return version("latentflow")
-    except PackageNotFoundError:
-        return "unknown"
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("nargs", 0)
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("latentflow")
+        except PackageNotFoundError:
+            found = "unknown"
+        print(f"latentflow {found}")
+        parser.exit()
 
 
 def _output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -74,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="latentflow",
         description="Tabular data in; latent features and anomaly flags out.",
     )
-    p.add_argument("--version", action="version", version=f"latentflow {_version()}")
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     _output_flags(p, NORMAL)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -10,19 +10,28 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install demo test lint format bench bench-quality bench-anomaly bench-temporal \
 	bench-synthesis serve clean
 
+# Each step says what it installs first: the torch wheel alone takes minutes on a
+# slow link, and pip -q is silent meanwhile.
 $(STAMP): pyproject.toml constraints.txt
+	@echo "latentflow: creating the virtualenv $(VENV) (if missing)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "latentflow: upgrading pip"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@echo "latentflow: installing torch 2.13.0, CPU build (the largest download: minutes on a slow link)"
+	$(PY) -m pip install -q --progress-bar on torch==2.13.0
+	@echo "latentflow: installing latentflow and its pinned dependencies (constraints.txt: Prefect, MLflow, pandas, ...)"
+	$(PY) -m pip install -q --progress-bar on -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+	@echo "latentflow: installed into $(VENV)"
 
 install: $(STAMP)
 
 demo: install
+	@echo "latentflow: running the pipeline on 20,000 generated rows into .demo/"
 	$(VENV)/bin/latentflow demo --data-dir .demo
 
 test: install
+	@echo "latentflow: running the test suite (about 30 min on 2 cores)"
 	$(PY) -m pytest -q
 
 lint: install

@@ -19,7 +19,9 @@ What it measures, each next to its floor in the same run:
    and row count (random values).
 4. end to end: ``latentflow run`` on ``../shared/data/weatherAUS.csv``, cold
    (trains) and warm (reuses the champion), with interpreter + import start-up
-   and the Prefect ephemeral server measured separately and subtracted.
+   and the Prefect temporary server measured separately and subtracted. The
+   warm run's whole wall time is also set against its target (the start-up
+   ratio: wall / ``WARM_MAX_WALL_S``) and against the bare imports.
 
 The synthetic CSVs (``tasks.synthetic``, seed 0) are cached under
 ``benchmarks/results/data/``; everything else goes to a scratch directory that
@@ -56,11 +58,13 @@ GIB = 1024.0  # MiB per GiB
 # Targets (see the module docstring for what each ratio compares).
 INGEST_MAX_FLOOR_RATIO = 1.5
 SCORE_MIN_ROWS_PER_S = 1_000_000
-SCORE_MAX_FLOOR_RATIO = 2.0
+SCORE_MAX_FLOOR_RATIO = 1.3
 TRAIN_MIN_VS_HAND = 0.9
 TRAIN_MIN_VS_PYOD = 3.0
 COLD_MAX_S = 60.0
 WARM_MAX_S = 15.0
+#: The warm run's whole wall time, start-up included (issue 18).
+WARM_MAX_WALL_S = 8.0
 SCORE_RSS_MAX_GROWTH = 1.5
 SCORE_RSS_MAX_MIB = 2 * GIB
 # A cold run this far past its target is reported as missed, not waited for,
@@ -505,9 +509,15 @@ def bench_dask(
 
 # --------------------------------------------------------------------- end to end
 
+# Start-up as the CLI does it: the temporary server launched before the
+# imports, the flow pointed at it once it answers.
 _TRIVIAL_FLOW = """
-import flows.cli, flows.nightly
+import flows.cli
 flows.cli._quiet_logging()
+from flows.prefect_server import TemporaryServer
+server = TemporaryServer().start()
+import flows.nightly
+flows.cli._use_api(server.wait(120))
 from prefect import flow
 @flow
 def startup_probe() -> int:
@@ -634,6 +644,20 @@ def bench_e2e(plan: Plan, scratch: Path, report: Report) -> None:
                 net < target and trained == want_trained,
             )
         )
+        if phase == "warm":
+            bare = _median(imports)
+            e2e["startup_ratio"] = wall / WARM_MAX_WALL_S
+            e2e["wall_vs_imports"] = wall / bare
+            report.add(
+                Row(
+                    "start-up ratio",
+                    "145k",
+                    f"{wall / WARM_MAX_WALL_S:.2f}x target (wall {wall:.1f}s)",
+                    f"{wall / bare:.2f}x the bare imports ({bare:.1f}s)",
+                    f"< {WARM_MAX_WALL_S:g}s wall",
+                    wall < WARM_MAX_WALL_S and not trained,
+                )
+            )
 
 
 # -------------------------------------------------------------------- reporting

@@ -3,7 +3,9 @@
 ``latentflow run`` executes the nightly flow once, in-process, and prints ONE
 line of JSON to stdout. A user's mistake (bad input, bad config, a registry that
 is down, a run already in progress) is one line on stderr and exit status 2,
-never a traceback.
+never a traceback. Stage lines and training progress go to stderr
+(:mod:`tasks.progress`); ``--quiet`` leaves only the JSON line and errors,
+``--verbose`` adds Prefect's and MLflow's logs.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import os
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tasks import progress
 from tasks.errors import LatentflowError, describe_fault
 from tasks.sources import check_sources
 
+if TYPE_CHECKING:
+    from flows.prefect_server import TemporaryServer
+
 EXIT_USER_ERROR = 2
+QUIET, NORMAL, VERBOSE = -1, 0, 1
 
 
 def _date(text: str) -> date:
@@ -30,14 +37,59 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("nargs", 0)
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("latentflow")
+        except PackageNotFoundError:
+            found = "unknown"
+        print(f"latentflow {found}")
+        parser.exit()
+
+
+def _output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--quiet`` / ``--verbose``, before or after the subcommand."""
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=QUIET,
+        default=default,
+        help="print only the JSON line and errors",
+    )
+    loud.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=VERBOSE,
+        default=default,
+        help="also print Prefect's and MLflow's logs",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="latentflow",
         description="Tabular data in; latent features and anomaly flags out.",
     )
+    p.add_argument("--version", action=_Version, help="print the version and exit")
+    _output_flags(p, NORMAL)
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline once, in-process")
+    _output_flags(run, argparse.SUPPRESS)
     run.add_argument("--input", help="CSV/Parquet file, directory or glob")
     run.add_argument("--dataset", help="dataset name (default: from the file name)")
     run.add_argument("--data-dir", help="output root (default: ./latentflow-data)")
@@ -82,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="run on generated weatherAUS-shaped data")
+    _output_flags(demo, argparse.SUPPRESS)
     demo.add_argument("--data-dir", default=".demo", help="output root (default .demo)")
     demo.add_argument("--rows", type=int, default=20_000, help="rows to generate")
     demo.add_argument("--run-date", type=_date, help="partition date (default: today)")
@@ -118,8 +171,17 @@ def _engine_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _quiet_logging() -> None:
+def _quiet_logging(verbosity: int = NORMAL) -> None:
     # stdout carries exactly one JSON line; library chatter goes to stderr or away.
+    if verbosity != NORMAL:
+        # Asked for on the command line: wins over the environment.
+        level = "INFO" if verbosity == VERBOSE else "ERROR"
+        for name in ("PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL"):
+            os.environ[name] = level
+    if verbosity == QUIET:
+        import warnings
+
+        warnings.simplefilter("ignore")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -131,7 +193,9 @@ def _quiet_logging() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(
+        logging.INFO if verbosity == VERBOSE else logging.ERROR
+    )
     # A local Dask cluster's scheduler and nannies log their routine here,
     # some of it with a traceback (a connection closed at shutdown).
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -165,23 +229,131 @@ def _install_log_filter() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def run_pipeline(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Build the config and run the flow; returns the summary dict."""
+def run_pipeline(
+    config_file: str | None,
+    overrides: dict[str, Any],
+    *,
+    early_server: bool = False,
+    verbosity: int = NORMAL,
+) -> dict[str, Any]:
+    """Build the config and run the flow; returns the summary dict.
+
+    ``early_server`` (the CLI): with no Prefect API configured, start the
+    temporary server now, so it starts while torch and MLflow are imported
+    (:mod:`flows.prefect_server`). Without it, Prefect's own starts on demand.
+    """
     from flows.config import build_config
 
     cfg = build_config(config_file, overrides)
     # The options first, then the input: both in well under a second, before
     # Prefect or MLflow is imported and before anything is created on disk.
     check_sources(cfg.data.input)
+    from flows.runtime_checks import check_local
+
+    check_local(cfg)
+    server = _start_server() if early_server else None
+    progress.current().status("starting Prefect and loading libraries …")
     # The flow imports torch and MLflow (seconds): only once the run is valid.
+    from flows.runtime_checks import check_runtime
+
+    server = _prepare_prefect(server, early_server)
     from flows.nightly import nightly
-    from flows.runtime_checks import check_prefect_database, check_runtime
 
     _install_log_filter()
     check_runtime(cfg)
-    check_prefect_database()
+    if verbosity != VERBOSE:
+        _silence_mlflow_prints()
+    if server is not None:
+        _use_api(server.wait(_startup_timeout()))
     with _stdout_to_stderr():
         return nightly(config=cfg)
+
+
+def _start_server() -> TemporaryServer | None:
+    from flows.prefect_server import TemporaryServer, wants_temporary_server
+    from flows.runtime_checks import check_prefect_sqlite, default_prefect_database
+
+    if not wants_temporary_server(os.environ) or _env_sets_prefect_database():
+        # A running server; or a database URL, checked (and a PostgreSQL one
+        # migrated) before a server starts on it (below).
+        return None
+    # A corrupt database is one line here, not a server's traceback.
+    check_prefect_sqlite(default_prefect_database())
+    return TemporaryServer().start()
+
+
+def _env_sets_prefect_database() -> bool:
+    return any(
+        os.environ.get(name)
+        for name in (
+            "PREFECT_API_DATABASE_CONNECTION_URL",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+        )
+    )
+
+
+def _prepare_prefect(
+    server: TemporaryServer | None, early: bool
+) -> TemporaryServer | None:
+    """Check Prefect's database; keep the early server only if it is wanted.
+
+    Prefect's settings can also come from a profile or a settings file, which
+    only Prefect reads: an API URL there means no temporary server, and a
+    PostgreSQL database is migrated (:func:`check_prefect_database`) before
+    any server starts on it.
+    """
+    from flows.prefect_server import (
+        TemporaryServer,
+        configured_api_url,
+        wants_temporary_server,
+    )
+    from flows.runtime_checks import check_prefect_database, prefect_on_postgres
+
+    if configured_api_url():
+        if server is not None:
+            server.stop()
+        return None
+    if server is not None and prefect_on_postgres():
+        server.stop()
+        server = None
+    check_prefect_database()
+    if server is None and early and wants_temporary_server(os.environ):
+        # The database is checked (a PostgreSQL one migrated): start it now.
+        server = TemporaryServer().start()
+    return server
+
+
+def _startup_timeout() -> float:
+    try:
+        return float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    except (KeyError, ValueError):
+        return 120.0
+
+
+def _use_api(url: str) -> None:
+    """Point this process (and processes it starts) at ``url``."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+
+
+def _silence_mlflow_prints() -> None:
+    """Mute MLflow's event stream for the rest of the process.
+
+    "Successfully registered model …", "Created version …": MLflow prints these
+    to its own stream, past its log level (--verbose keeps them). Its
+    ``disable_logging()`` does not last: logging a model re-enables the stream
+    on its way out, so the stream's switch is pinned off instead.
+    """
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+
+    class _Muted(type(stream)):  # type: ignore[misc]
+        _enabled = property(lambda self: False, lambda self, value: None)
+
+    stream.__class__ = _Muted
 
 
 class _stdout_to_stderr:
@@ -230,7 +402,11 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
             "run_date": args.run_date,
             "epochs": 30,
         },
+        early_server=True,
+        verbosity=args.verbosity,
     )
+    if args.verbosity == QUIET:
+        return summary
     print(f"input:   {src}", file=sys.stderr)
     print(
         f"outputs: {data_dir}/{{ingested,rejected,latent}}/weatheraus/", file=sys.stderr
@@ -268,8 +444,10 @@ def _store_file(data_dir: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_logging()
+    verbosity = args.verbosity
+    _quiet_logging(verbosity)
     _engine_defaults()
+    progress.configure(verbosity != QUIET)
     try:
         if args.command == "serve-model":
             from flows.serve_model import serve_model
@@ -289,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise LatentflowError(
                     "--input (or a --config with 'input') is required"
                 )
-            summary = run_pipeline(args.config, _overrides(args))
+            summary = run_pipeline(
+                args.config, _overrides(args), early_server=True, verbosity=verbosity
+            )
     except LatentflowError as exc:
+        progress.current().close()
         print(f"latentflow: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
@@ -298,13 +479,16 @@ def main(argv: list[str] | None = None) -> int:
         # the environment's fault, one line; anything else is a bug.
         where = _data_dir(args)
         fault = describe_fault(exc, where=str(where), database=_store_file(where))
+        progress.current().close()
         if fault is None:
             raise
         print(f"latentflow: error: {fault}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        progress.current().close()
         print("latentflow: interrupted", file=sys.stderr)
         return 130
+    progress.current().close()
     print(json.dumps(summary, default=str), flush=True)
     return 0
 

@@ -38,7 +38,7 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, confinement
 from flows.runners import RunnerScope, runner_scope
 from flows.runtime_checks import check_runtime
-from tasks import registry
+from tasks import progress, registry
 from tasks.decide import (
     ChampionInfo,
     ChosenModel,
@@ -211,9 +211,13 @@ def run_guards(
 
 def find_champion(run: RunTarget) -> ChampionInfo | None:
     """The dataset's current champion (fetched into the model cache), if any."""
-    return find_champion_task.with_options(task_run_name=f"champion-{run.tag}")(
-        run.model_name, run.cache_dir
-    )
+    with progress.stage("champion"):
+        champion = find_champion_task.with_options(task_run_name=f"champion-{run.tag}")(
+            run.model_name, run.cache_dir
+        )
+    found = f"{run.model_name} v{champion.version}" if champion else "none yet"
+    progress.done("champion", found)
+    return champion
 
 
 def ingest(
@@ -222,6 +226,8 @@ def ingest(
     """Type, check and stage the input: one task, or one task per file."""
     roles = cfg.ingest_roles()
     source, limit = cfg.data.input, cfg.policy.max_reject_fraction
+    started = time.perf_counter()
+    progress.current().status("ingest …")
     # Keyless ids count identical rows across files: one process only.
     if scope.parallel and not roles.keyless and len(list_sources(source)) > 1:
         ingested = ingest_partitioned.with_options(task_runner=scope.task_runner())(
@@ -245,6 +251,11 @@ def ingest(
             publish=False,
             **roles.as_kwargs(),
         )
+    progress.done(
+        "ingest",
+        f"{ingested.rows_in:,} rows, {ingested.rows_rejected:,} rejected",
+        started,
+    )
     # Staged until the run date's commit: training, drift and scoring read it there.
     outputs.add("ingested", ingested.ingested_dir)
     outputs.add("rejected", ingested.rejected_dir)
@@ -293,8 +304,10 @@ def decide(
     # this step only says whether a challenger is trained.
     if decision.action == "train":
         get_run_logger().info("training a challenger: %s", decision.reason)
+        progress.done("decide", f"train a challenger ({decision.reason})")
     else:
         get_run_logger().info("reusing the champion: %s", decision.reason)
+        progress.done("decide", f"reuse ({decision.reason})")
     return drift, decision
 
 
@@ -336,6 +349,8 @@ def score(
     )
     batch_rows = cfg.execution.score_batch_rows
     cut = cfg.model.anomaly_score_threshold
+    started = time.perf_counter()
+    progress.current().status(f"score with v{model.version} …")
     if scope.parallel:
         scored = score_partitioned.with_options(task_runner=scope.task_runner())(
             *where, tag=run.tag, batch_rows=batch_rows, publish=False, anomaly_cut=cut
@@ -345,6 +360,11 @@ def score(
         scored = score_task.with_options(task_run_name=f"score-{run.tag}")(
             *where, batch_rows=batch_rows, publish=False, anomaly_cut=cut
         )
+    progress.done(
+        "score",
+        f"{scored.rows_scored:,} rows, {scored.anomalies:,} anomalies",
+        started,
+    )
     outputs.add("latent", scored.staged_dir)
     return scored
 
@@ -470,6 +490,7 @@ def publish(
     published = commit_run_date_task.with_options(task_run_name=f"commit-{run.tag}")(
         run.data_dir, run.dataset, run.run_date, outputs.to_commit()
     )
+    progress.done("publish", published.get("latent", str(run.data_dir)))
     return replace(
         ingested,
         ingested_dir=published["ingested"],
@@ -693,6 +714,12 @@ def challenge(
             registered.name, registered.version, run.cache_dir
         )
     get_run_logger().info("challenger v%s: %s", registered.version, tags)
+    progress.done(
+        "gate",
+        f"challenger v{registered.version}:"
+        f" {'promote' if promoted else 'keep_champion'}"
+        f" ({'operator override' if override else verdict.reason})",
+    )
     # A challenger that lost leaves the champion scoring the run.
     kept = None if promoted else champion
     version = kept.version if kept else registered.version
@@ -732,6 +759,8 @@ def train_and_register(
     fair = champion is not None and comparable(
         champion, ingested.schema, cfg.model_params()
     )
+    started = time.perf_counter()
+    progress.current().status("train: preparing the sample …")
     try:
         trained = train_task.with_options(task_run_name=f"train-{run.tag}")(
             Path(ingested.ingested_dir),
@@ -750,6 +779,12 @@ def train_and_register(
         )
         publish_plots.with_options(task_run_name=f"plots-{run.tag}")(
             [Path(p) for p in trained.plots], key=_artifact_key(run)
+        )
+        progress.done(
+            "train",
+            f"{trained.metrics.get('epochs_run', 0):.0f} epochs,"
+            f" val_mse {trained.metrics['val_mse']:.5f}",
+            started,
         )
         card = model_card_task.with_options(task_run_name=f"card-{run.tag}")(
             run.dataset,

@@ -62,13 +62,27 @@ def check_runtime(cfg: PipelineConfig) -> None:
     The CLI calls it before any engine starts, so a bad data dir or device is
     one line in a second; the flow calls it again for runs from deployments.
     """
+    check_local(cfg)
+    check_mlflow_database()
+
+
+def check_local(cfg: PipelineConfig) -> None:
+    """The checks that need no registry or engine (and no MLflow import): the
+    data dir, the device and the run's paths."""
     check_data_dir(cfg.data.data_dir)
     check_device(cfg.execution.device)
-    check_mlflow_database()
     data = cfg.resolved().data
     if data.dataset and data.run_date:
         data_dir = Path(data.data_dir).expanduser().resolve()
         check_run_paths(data_dir, data.dataset, data.run_date)
+
+
+def prefect_on_postgres() -> bool:
+    """Whether Prefect's settings put its server's database on PostgreSQL."""
+    from prefect.settings import get_current_settings
+
+    secret = get_current_settings().server.database.connection_url
+    return secret is not None and secret.get_secret_value().startswith("postgresql")
 
 
 def check_prefect_database() -> None:
@@ -100,7 +114,17 @@ def check_prefect_database() -> None:
         return
     if url.database.startswith(":memory:") or "mode=memory" in str(url.query):
         return
-    path = Path(url.database).expanduser()
+    check_prefect_sqlite(Path(url.database).expanduser())
+
+
+def default_prefect_database() -> Path:
+    """Where Prefect keeps its SQLite database when nothing else is configured."""
+    home = os.environ.get("PREFECT_HOME") or "~/.prefect"
+    return Path(home).expanduser() / "prefect.db"
+
+
+def check_prefect_sqlite(path: Path) -> None:
+    """A Prefect SQLite database that exists must be a readable database."""
     if not path.exists():
         return  # created on first use
     if not path.is_file():

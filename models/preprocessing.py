@@ -577,23 +577,33 @@ class TabularPreprocessor:
         self.check_columns(data)
         n = len(data)
         out = np.zeros((n, self.n_features_out), dtype=np.float32)
+        # The numeric columns and their missing flags are computed as rows of
+        # a contiguous block and copied into ``out`` in one transposing pass:
+        # writing them one strided column at a time cost a third more.
+        k = len(self.numeric) + int(np.count_nonzero(self.has_missing_))
+        block = np.empty((k, n), dtype=np.float32)
         j = 0
         indicators = []
         for i, name in enumerate(self.numeric):
             x = _as_float(_column(data, name))
+            if not x.flags.writeable:
+                x = x.copy()
             miss = np.isnan(x)
             x[miss] = self.medians_[i]
-            # Clipped so that a value far outside what training saw stays a
-            # finite float32 (an extreme anomaly, never inf and then NaN).
+            # In place, in float64: (x - mean) / scale, then clipped so that a
+            # value far outside what training saw stays a finite float32 (an
+            # extreme anomaly, never inf and then NaN).
             with np.errstate(over="ignore"):
-                z = (x - self.means_[i]) / self.scales_[i]
-            out[:, j] = np.clip(z, -MAX_SCALED, MAX_SCALED)
+                np.subtract(x, self.means_[i], out=x)
+                np.divide(x, self.scales_[i], out=x)
+            np.clip(x, -MAX_SCALED, MAX_SCALED, out=block[j])
             j += 1
             if self.has_missing_[i]:
                 indicators.append(miss)
         for miss in indicators:
-            out[:, j] = miss
+            block[j] = miss
             j += 1
+        out[:, :k] = block.T
         rows = np.arange(n)
         for name in self.categorical:
             cats = self.categories_[name]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
+import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from models.explain import EXPLANATION_TYPE, explanation_array
 from models.integrity import MANIFEST, IntegrityError
 from tasks.errors import SchemaError, TamperError
 from tasks.faults import checkpoint
+from tasks.ingest.writer import WriteBehind
 from tasks.partitions import (
     Piece,
     WorkUnit,
@@ -348,6 +351,68 @@ def _preceding(unit: WorkUnit) -> WorkUnit:
     return WorkUnit(unit.index, tuple(pieces))
 
 
+#: Batches decoded ahead of the model: reading overlaps the model's work.
+_READ_AHEAD = 2
+_END = object()
+
+
+def _read_ahead(
+    batches: Iterator[pa.RecordBatch], depth: int = _READ_AHEAD
+) -> Iterator[pa.RecordBatch]:
+    """``batches``, decoded on a background thread at most ``depth`` ahead.
+
+    pyarrow decodes Parquet with the GIL released, so the next row group is
+    read while the model scores this one; memory stays ``depth`` batches. A
+    read error is raised here, in the consumer's thread; a consumer that stops
+    early (an error of its own) stops the reader too.
+    """
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+        except BaseException as exc:  # re-raised in the consumer's thread
+            put(exc)
+            return
+        put(_END)
+
+    reader = threading.Thread(target=produce, name="latentflow-score-reader")
+    reader.start()
+    try:
+        while (item := slots.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+class _Constants:
+    """The constant model columns, built once and sliced per batch."""
+
+    def __init__(self, name: str, version: int) -> None:
+        self._values = (pa.scalar(name, pa.string()), pa.scalar(version, pa.int32()))
+        self._arrays: list[pa.Array] = []
+
+    def arrays(self, n: int) -> list[pa.Array]:
+        if not self._arrays or len(self._arrays[0]) < n:
+            self._arrays = [pa.repeat(v, n) for v in self._values]
+        return [a.slice(0, n) for a in self._arrays]
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Columns worth dictionary-encoding: keys and the constant model columns.
 
@@ -407,44 +472,56 @@ def score_unit(
     if state is not None:
         for batch in _batches(_preceding(unit), layout.columns, batch_rows):
             model.advance(batch, state)
+    constants = _Constants(layout.model_name, layout.model_version)
+    # Three stages overlap: the next row group is decoded (a reader thread)
+    # and the previous batch compressed and written (a writer thread) while
+    # the model scores this one. Both threads run in pyarrow without the GIL.
+    behind = WriteBehind(depth=1)
     with (
         atomic_path(target) as tmp,
         pq.ParquetWriter(
             tmp, schema, compression="zstd", use_dictionary=_dictionary_columns(schema)
         ) as writer,
     ):
-        for batch in _batches(unit, layout.columns, batch_rows):
-            n = batch.num_rows
-            if n == 0:
-                continue
-            scores = model.score(batch, state)
-            err = scores.score
-            pct = model.anomaly_score(err)
-            flag = (
-                scores.is_anomaly
-                if layout.anomaly_cut is None
-                else pct > layout.anomaly_cut
-            )
-            arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
-            arrays += [batch.column(k) for k in keys]
-            arrays += [pa.array(col) for col in scores.latent.T]
-            arrays += [pa.array(err), pa.array(pct), pa.array(flag)]
-            labels = model.clusters(scores.latent)
-            if labels is not None:
-                arrays.append(pa.array(labels))
-            arrays.append(explanation_array(model, batch, flag))
-            arrays += [
-                pa.array(np.full(n, layout.model_name, dtype=object), pa.string()),
-                pa.array(np.full(n, layout.model_version, dtype=np.int32)),
-            ]
-            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
-            checkpoint("score")
-            rows += n
-            anomalies += int(flag.sum())
-            err_sum += float(err.sum(dtype=np.float64))
-            _keep_top(top, err, batch.column("_row_id").to_numpy())
-            # A thinned copy keeps the p99 estimate's memory bounded.
-            sample.append(err[:: max(1, n // _ERROR_SAMPLE)])
+        try:
+            for batch in _read_ahead(_batches(unit, layout.columns, batch_rows)):
+                n = batch.num_rows
+                if n == 0:
+                    continue
+                scores = model.score(batch, state)
+                err = scores.score
+                pct = model.anomaly_score(err)
+                flag = (
+                    scores.is_anomaly
+                    if layout.anomaly_cut is None
+                    else pct > layout.anomaly_cut
+                )
+                arrays: list[pa.Array] = [batch.column("_row_id").cast(pa.int64())]
+                arrays += [batch.column(k) for k in keys]
+                # One transposing copy; each latent column is then a
+                # contiguous row that Arrow wraps without copying.
+                latent_t = np.ascontiguousarray(scores.latent.T)
+                arrays += [pa.array(col) for col in latent_t]
+                arrays += [pa.array(err), pa.array(pct), pa.array(flag)]
+                labels = model.clusters(scores.latent)
+                if labels is not None:
+                    arrays.append(pa.array(labels))
+                arrays.append(explanation_array(model, batch, flag))
+                arrays += constants.arrays(n)
+                behind.submit(writer, pa.RecordBatch.from_arrays(arrays, schema=schema))
+                checkpoint("score")
+                rows += n
+                anomalies += int(flag.sum())
+                err_sum += float(err.sum(dtype=np.float64))
+                _keep_top(top, err, batch.column("_row_id").to_numpy())
+                # A thinned copy keeps the p99 estimate's memory bounded.
+                sample.append(err[:: max(1, n // _ERROR_SAMPLE)])
+            # Every batch is written before the writer closes the file.
+            behind.close()
+        except BaseException:
+            # The writer thread stops before the file is closed and discarded.
+            behind.close(discard=True)
+            raise
     if rows != unit.rows:
         raise RuntimeError(f"unit {unit.index}: read {rows} rows, planned {unit.rows}")
     return UnitResult(

@@ -31,6 +31,7 @@ from models.family import ModelFamily, Scores, reconstruction_mse, score_rows
 from models.percentile import score_quantiles
 from models.preprocessing import PreprocessorStats, Reopen, TabularPreprocessor
 from models.schema import TableSchema
+from tasks import progress as terminal_progress
 from tasks.drift import build_reference
 from tasks.errors import ConfigError, InputError
 from tasks.faults import checkpoint
@@ -488,12 +489,14 @@ def train_task(
     # A family that does not train in epochs reports no progress until done.
     epochs = int(estimator_params.get("epochs", 1))
     progress = create_progress_artifact(0.0, description="training epochs")
+    shown = terminal_progress.current()  # the CLI's epoch display, if any
 
     def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
         logger.info(
             "epoch %d: train_loss=%.5f val_loss=%.5f", epoch, train_loss, val_loss
         )
         update_progress_artifact(progress, min(100.0, 100.0 * (epoch + 1) / epochs))
+        shown.epoch(epoch, epochs, train_loss, val_loss)
         checkpoint("train")
 
     result = train_model(

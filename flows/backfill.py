@@ -11,6 +11,9 @@ input. The range is:
   backfill rewrites nothing and trains nothing;
 - resumable: a run date is published whole or not at all, so after a kill a
   rerun finds the finished dates done and completes only the others;
+- within retention: with ``keep_days``, a date that retention has already
+  removed (``keep_days`` or more before the newest published run date) is
+  listed under ``expired`` and not run again;
 - tolerant of missing drops: a night without its drop is alerted, listed
   under ``missing`` and skipped; any other failure stops the backfill there.
 """
@@ -31,6 +34,7 @@ from tasks.alerts import missing_drop_alert
 from tasks.alerts import send as send_alert
 from tasks.drops import check_drop, is_template, run_dates
 from tasks.errors import MissingDropError
+from tasks.retention import partition_dates
 from tasks.storage import partition_dir
 
 FLOW_NAME = "latentflow-backfill"
@@ -63,6 +67,19 @@ def is_done(cfg: PipelineConfig) -> bool:
     return True
 
 
+def is_expired(cfg: PipelineConfig) -> bool:
+    """Whether retention would remove ``cfg``'s run date at once: it is
+    ``keep_days`` or more before the newest published ``latent/`` run date."""
+    keep = cfg.policy.keep_days
+    if keep is None:
+        return False
+    data = cfg.resolved().data
+    assert data.dataset is not None and data.run_date is not None
+    base = Path(data.data_dir).expanduser().resolve()
+    published = partition_dates(base, "latent", data.dataset)
+    return bool(published) and (max(published) - data.run_date).days >= keep
+
+
 def _name() -> str:
     from prefect.runtime import flow_run
 
@@ -84,6 +101,7 @@ def backfill(start: date, end: date, config: PipelineConfig) -> dict[str, Any]:
         "ran": [],
         "skipped": [],
         "missing": [],
+        "expired": [],
         "trained": [],
     }
     t0 = time.perf_counter()
@@ -91,6 +109,9 @@ def backfill(start: date, end: date, config: PipelineConfig) -> dict[str, Any]:
         cfg = for_date(config, day)
         if is_done(cfg):
             out["skipped"].append(str(day))
+            continue
+        if is_expired(cfg):
+            out["expired"].append(str(day))
             continue
         if is_template(template):
             try:

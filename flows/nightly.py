@@ -181,7 +181,7 @@ def preflight(
     )
     try:
         sources = _allowed_sources(cfg)
-    except InputError as exc:
+    except InputError:
         if template is None or not is_template(template):
             raise
         expected = cfg.data.input
@@ -192,7 +192,7 @@ def preflight(
         )
         raise MissingDropError(
             f"no drop for {run.run_date}: expected {expected}"
-            f" (input template {template}; {exc})",
+            f" (input template {template})",
             expected=expected,
         ) from None
     # No path of the run may lead out of the data dir.

@@ -1,15 +1,21 @@
 """The latentflow deployments, as code: one place for names, schedules and limits.
 
-Two deployments of the flow ``latentflow-nightly``:
+Two deployments of the flow ``latentflow-nightly`` and one of
+``latentflow-backfill``:
 
 ``weatheraus-nightly``
-    Every day at 02:00 Australia/Sydney (DST handled by the scheduler), on the
-    weatherAUS file with its preset.
+    Every day at 02:00 Australia/Sydney (DST handled by the scheduler), on
+    that night's weatherAUS drop (a date-templated input, rendered for the
+    date the run was due in Sydney) with its preset.
 ``latentflow-on-demand``
     No schedule: run it from the UI (Run > Custom run), ``prefect deployment
     run`` or ``run_deployment`` with any dataset.
+``latentflow-backfill``
+    No schedule: the form asks for a range (start, end) and the config, with
+    the nightly's defaults; the dates run in order and a rerun completes only
+    those not done.
 
-Both refuse parameters that do not match ``PipelineConfig``'s JSON schema
+All refuse parameters that do not match ``PipelineConfig``'s JSON schema
 before a run is created (``enforce_parameter_schema``), allow one run at a time
 and queue the rest (concurrency limit 1, ``ENQUEUE``), and time out after
 ``LATENTFLOW_FLOW_TIMEOUT_SECONDS`` (default 6 h).
@@ -26,8 +32,11 @@ applied):
 
 - ``LATENTFLOW_DATA_DIR``: output root for both deployments
   (default ``<repo>/.serve``, the ``make serve`` data dir);
-- ``LATENTFLOW_WEATHERAUS_CSV``: the nightly input
-  (default ``<repo>/../shared/data/weatherAUS.csv``);
+- ``LATENTFLOW_WEATHERAUS_DROPS``: the nightly input, a template such as
+  ``/feeds/weatheraus/{run_date}.csv`` (default
+  ``<data-dir>/input/weatheraus/{run_date}.csv``);
+- ``LATENTFLOW_WEATHERAUS_CSV``: a plain file instead (the whole CSV again
+  every night; only when no template is set);
 - ``LATENTFLOW_ON_DEMAND_INPUT``: an optional default input for the on-demand
   deployment (otherwise the person starting a run fills it in);
 - ``LATENTFLOW_FLOW_TIMEOUT_SECONDS``: flow-run timeout (default 21600);
@@ -50,8 +59,10 @@ from prefect.client.schemas.objects import (
 )
 from prefect.client.schemas.schedules import CronSchedule
 
+from flows.backfill import backfill
 from flows.nightly import nightly
 from flows.synthesize import synthesize
+from tasks.drops import is_template, template_stem
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -60,6 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 NIGHTLY = "weatheraus-nightly"
 ON_DEMAND = "latentflow-on-demand"
+BACKFILL = "latentflow-backfill"
 NIGHTLY_CRON = "0 2 * * *"
 NIGHTLY_TIMEZONE = "Australia/Sydney"
 DEFAULT_TIMEOUT_SECONDS = 6 * 3600
@@ -71,6 +83,10 @@ TAGS = ["latentflow"]
 ENTRYPOINT = "deployments.definitions.nightly_deployed"
 SYNTHESIZE = "latentflow-synthesize"
 SYNTHESIZE_ENTRYPOINT = "deployments.definitions.synthesize_deployed"
+BACKFILL_ENTRYPOINT = "deployments.definitions.backfill_deployed"
+#: Retention of the nightly: partitions for a quarter, ten older models.
+NIGHTLY_KEEP_DAYS = 90
+NIGHTLY_KEEP_VERSIONS = 10
 
 
 def flow_timeout_seconds() -> float:
@@ -90,6 +106,7 @@ def flow_timeout_seconds() -> float:
 # The flow as deployed. The timeout is deployment policy, so it is set here and
 # flows/nightly.py stays runnable without one from the CLI.
 nightly_deployed = nightly.with_options(timeout_seconds=flow_timeout_seconds())
+backfill_deployed = backfill
 
 
 synthesize_deployed = synthesize.with_options(timeout_seconds=flow_timeout_seconds())
@@ -99,6 +116,29 @@ def default_data_dir() -> Path:
     """``LATENTFLOW_DATA_DIR``, else ``<repo>/.serve``; always absolute."""
     raw = os.environ.get("LATENTFLOW_DATA_DIR")
     return Path(raw).expanduser().resolve() if raw else REPO / ".serve"
+
+
+def default_weatheraus_input(data_dir: Path | str | None = None) -> str:
+    """The nightly's input: ``LATENTFLOW_WEATHERAUS_DROPS`` (a template), else
+    ``LATENTFLOW_WEATHERAUS_CSV`` (one file), else
+    ``<data-dir>/input/weatheraus/{run_date}.csv``; always absolute."""
+    drops = os.environ.get("LATENTFLOW_WEATHERAUS_DROPS")
+    if drops:
+        return str(Path(drops).expanduser().absolute())
+    if os.environ.get("LATENTFLOW_WEATHERAUS_CSV"):
+        return str(default_weatheraus_csv())
+    base = Path(data_dir) if data_dir else default_data_dir()
+    return f"{base}/input/weatheraus/{{run_date}}.csv"
+
+
+def input_root(source: Path | str) -> str:
+    """What a confinement root must hold for ``source``: the file itself, or
+    for a template the fixed directory before its first field."""
+    text = str(source)
+    if not is_template(text):
+        return text
+    stem = template_stem(text)
+    return stem if text[len(stem) :].startswith("/") else str(Path(stem).parent)
 
 
 def default_weatheraus_csv() -> Path:
@@ -125,10 +165,13 @@ def confinement_env(
     data = str(data_dir or default_data_dir())
     if inputs is None:
         inputs = [
-            default_weatheraus_csv(),
+            default_weatheraus_input(data),
             os.environ.get("LATENTFLOW_ON_DEMAND_INPUT"),
         ]
-    roots = [f"{data.rstrip('/')}/{INPUT_SUBDIR}", *(str(p) for p in inputs if p)]
+    roots = [
+        f"{data.rstrip('/')}/{INPUT_SUBDIR}",
+        *(input_root(p) for p in inputs if p),
+    ]
     return {
         DATA_ROOTS_ENV: env.get(DATA_ROOTS_ENV) or data,
         INPUT_ROOTS_ENV: env.get(INPUT_ROOTS_ENV) or os.pathsep.join(roots),
@@ -150,9 +193,15 @@ def nightly_parameters(
     return {
         "config": {
             "data": {
-                "input": str(input_path or default_weatheraus_csv()),
+                "input": str(input_path or default_weatheraus_input(data_dir)),
                 "data_dir": str(data_dir or default_data_dir()),
                 "dataset": "weatheraus",
+                # The run date is the night the schedule fired, in Sydney.
+                "timezone": NIGHTLY_TIMEZONE,
+            },
+            "policy": {
+                "keep_days": NIGHTLY_KEEP_DAYS,
+                "keep_versions": NIGHTLY_KEEP_VERSIONS,
             },
             "execution": {"lock_wait_seconds": NIGHTLY_LOCK_WAIT_SECONDS},
         }
@@ -182,7 +231,7 @@ def build_deployments(
     work_pool_name: str | None = None,
     job_variables: dict[str, Any] | None = None,
 ) -> list[RunnerDeployment]:
-    """Both deployments, ready for ``prefect.serve(*...)`` or ``.apply()``.
+    """The three deployments, ready for ``prefect.serve(*...)`` or ``.apply()``.
 
     Without ``work_pool_name`` they are for ``serve`` (runs are subprocesses of
     the serving process); with one, a worker of that pool runs them.
@@ -220,7 +269,21 @@ def build_deployments(
         tags=[*TAGS, "on-demand"],
         **common,
     )
-    return [nightly_dep, on_demand]
+    backfill_dep = RunnerDeployment.from_entrypoint(
+        BACKFILL_ENTRYPOINT,
+        name=BACKFILL,
+        # The range is asked for; the config defaults to the nightly's.
+        parameters=nightly_parameters(data_dir, weatheraus_csv),
+        description=(
+            "Run the nightly pipeline for every date from start to end, in"
+            " order; dates already done with the same config are skipped, so a"
+            " rerun after a failure completes only the rest."
+        ),
+        tags=[*TAGS, "backfill"],
+        **common,
+    )
+    return [nightly_dep, on_demand, backfill_dep]
+
 
 
 def synthesize_parameters(data_dir: Path | str | None = None) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def apply(
     from deployments.definitions import (
         build_deployments,
         confinement_env,
-        default_weatheraus_csv,
+        default_weatheraus_input,
     )
 
     job_variables: dict[str, Any] = {}
@@ -109,7 +109,7 @@ def apply(
     # overridden per run through the API, so the API needs auth on this path
     # (see docs/operations.md, "Serving safely").
     job_variables["env"] = confinement_env(
-        data_dir, [weatheraus_csv or default_weatheraus_csv()]
+        data_dir, [weatheraus_csv or default_weatheraus_input(data_dir)]
     )
     deployments = build_deployments(
         data_dir=data_dir,
@@ -134,6 +134,9 @@ def serve(*, limit: int | None = None) -> None:
     # roots are fixed here, on the serving host, out of any API caller's reach.
     os.environ.update(confinement_env())
     deployments = build_deployments()
+    # The automations are applied with the deployments: alerts as code.
+    for name in ensure_alerts():
+        print(f"automation {name}", flush=True)
     for dep in deployments:
         # Assigned, not just defaulted: the update then clears a work pool left by
         # an earlier ``apply``, so no worker competes with this process for runs
@@ -143,6 +146,13 @@ def serve(*, limit: int | None = None) -> None:
     # Schedules stay active on shutdown: ``make serve`` stops the server with us,
     # and a later serve re-applies them anyway.
     prefect_serve(*deployments, pause_on_shutdown=False, limit=limit)
+
+
+def ensure_alerts() -> list[str]:
+    """The alert automations (deployments/alerts.py), if a destination is set."""
+    from deployments.alerts import ensure_alerts as apply_alerts
+
+    return apply_alerts()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             weatheraus_csv=args.weatheraus_csv,
         ):
             print(f"deployment {name} -> work pool {args.pool}")
+        # The automations are applied with the deployments: alerts as code.
+        for name in ensure_alerts():
+            print(f"automation {name}")
     return 0
 
 

@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         help="YAML or TOML file with PipelineConfig fields, flat or in sections",
     )
+    _add_operations_options(run)
+    _add_backfill(sub)
 
     demo = sub.add_parser("demo", help="run on generated weatherAUS-shaped data")
     _output_flags(demo, argparse.SUPPRESS)
@@ -162,6 +164,75 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--gan-steps", type=int, default=500, help="GAN training steps")
     synth.add_argument("--vae-epochs", type=int, default=40, help="VAE training epochs")
     return p
+
+
+def _add_operations_options(p: argparse.ArgumentParser) -> None:
+    """Retention and the training window (docs/operations.md)."""
+    p.add_argument(
+        "--train-window-days",
+        type=int,
+        metavar="N",
+        help="a run that trains uses the last N days of ingested partitions",
+    )
+    p.add_argument(
+        "--keep-days",
+        type=int,
+        metavar="N",
+        help="after a successful run, remove partitions older than N days",
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        metavar="N",
+        help="keep N model versions besides the champion (and previous champion)",
+    )
+
+
+def _add_backfill(sub: Any) -> None:
+    b = sub.add_parser(
+        "backfill",
+        help="run the pipeline for every date of a range, in order; resumable",
+    )
+    b.add_argument("--from", dest="start", type=_date, required=True, metavar="D1")
+    b.add_argument("--to", dest="end", type=_date, required=True, metavar="D2")
+    b.add_argument("--input", help="file, or a template such as drops/{run_date}.csv")
+    b.add_argument("--dataset", help="dataset name (default: from the input)")
+    b.add_argument("--data-dir", help="output root (default: ./latentflow-data)")
+    b.add_argument(
+        "--retrain", action="store_true", default=None, help="force training"
+    )
+    b.add_argument("--latent-dim", type=int, help="size of the latent code")
+    b.add_argument("--kind", help="model family, e.g. ae or vae")
+    b.add_argument("--epochs", type=int, help="most training epochs")
+    b.add_argument("--device", help="auto | cpu | cuda")
+    b.add_argument(
+        "--runner",
+        choices=["sequential", "threads", "dask"],
+        help="where ingest and scoring run (default: sequential)",
+    )
+    b.add_argument("--config", help="YAML or TOML file with PipelineConfig fields")
+    _add_operations_options(b)
+
+
+def run_backfill(
+    config_file: str | None, overrides: dict[str, Any], start: date, end: date
+) -> dict[str, Any]:
+    """Build the config and run the backfill flow; returns its summary."""
+    from flows.config import build_config
+    from tasks.drops import is_template, run_dates
+
+    cfg = build_config(config_file, overrides)
+    run_dates(start, end)  # an empty or huge range fails before Prefect starts
+    if not is_template(cfg.data.input):
+        check_sources(cfg.data.input)
+    from flows.backfill import backfill
+    from flows.runtime_checks import check_prefect_database, check_runtime
+
+    _install_log_filter()
+    check_runtime(cfg)
+    check_prefect_database()
+    with _stdout_to_stderr():
+        return backfill(start=start, end=end, config=cfg)
 
 
 def _engine_defaults() -> None:
@@ -247,7 +318,12 @@ def run_pipeline(
     cfg = build_config(config_file, overrides)
     # The options first, then the input: both in well under a second, before
     # Prefect or MLflow is imported and before anything is created on disk.
-    check_sources(cfg.data.input)
+    # (A date-templated input is checked by the flow, which alerts when the
+    # night's drop is missing.)
+    from tasks.drops import is_template
+
+    if not is_template(cfg.data.input):
+        check_sources(cfg.data.input)
     from flows.runtime_checks import check_local
 
     check_local(cfg)
@@ -372,7 +448,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "input": args.input,
         "dataset": args.dataset,
         "data_dir": args.data_dir,
-        "run_date": args.run_date,
+        "run_date": getattr(args, "run_date", None),
         "retrain": args.retrain,
         "promote": args.promote,
         "latent_dim": args.latent_dim,
@@ -381,8 +457,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "window": args.window,
         "device": args.device,
         "runner": args.runner,
-        "dask_address": args.dask_address,
-        "dask_workers": args.dask_workers,
+        "dask_workers": getattr(args, "dask_workers", None),
+        "dask_address": getattr(args, "dask_address", None),
+        "train_window_days": args.train_window_days,
+        "keep_days": args.keep_days,
+        "keep_versions": args.keep_versions,
     }
 
 
@@ -399,7 +478,7 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
             "input": str(src),
             "dataset": "weatheraus",
             "data_dir": str(data_dir),
-            "run_date": args.run_date,
+            "run_date": getattr(args, "run_date", None),
             "epochs": 30,
         },
         early_server=True,
@@ -462,6 +541,18 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_synthesize(args)
         elif args.command == "demo":
             summary = _demo(args)
+        elif args.command == "backfill":
+            if not args.input and not args.config:
+                raise LatentflowError(
+                    "--input (or a --config with 'input') is required"
+                )
+            summary = run_backfill(args.config, _overrides(args), args.start, args.end)
+            for miss in summary.get("missing", []):
+                print(
+                    f"latentflow: warning: no drop for {miss['run_date']}:"
+                    f" expected {miss['expected']}",
+                    file=sys.stderr,
+                )
         else:
             if not args.input and not args.config:
                 raise LatentflowError(

@@ -33,6 +33,7 @@ from pydantic import (
 from models.families import DEFAULT_FAMILY, family_names, get_family
 from models.families import model_params as family_params
 from models.schema import Roles
+from tasks.drops import is_template, render_input, template_stem
 from tasks.errors import ConfigError
 from tasks.presets import WEATHERAUS_RULES
 from tasks.roles import IngestRoles
@@ -54,6 +55,14 @@ UNHASHED_FIELDS = frozenset(
         "runner",
         "dask_address",
         "dask_workers",
+        # Operations, not the model: added after hashes were first recorded,
+        # and hashes must not change.
+        "timezone",
+        "train_window_days",
+        "keep_days",
+        "keep_versions",
+        "alert_reject_share",
+        "alert_anomaly_rate",
     }
 )
 
@@ -111,7 +120,8 @@ class DataSection(BaseModel):
 
     input: str = Field(
         description="CSV (optionally .gz) or Parquet file, a directory of them, or a"
-        " glob such as drops/*.csv",
+        " glob such as drops/*.csv; {run_date} or {run_date:%Y/%m/%d} reads each"
+        " night's own drop, e.g. drops/{run_date}.csv",
         min_length=1,
     )
     data_dir: str = Field(
@@ -127,7 +137,17 @@ class DataSection(BaseModel):
         " lower-cased",
         pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
     )
-    run_date: date | None = Field(None, description="Partition date; default today")
+    run_date: date | None = Field(
+        None,
+        description="Partition date; default: the date a scheduled run was due"
+        " (in timezone), else today",
+    )
+    timezone: str | None = Field(
+        None,
+        description="IANA zone of the default run date, e.g. Australia/Sydney;"
+        " default: the host's",
+        min_length=1,
+    )
     key_columns: list[str] | None = Field(
         None, alias="keys", description="Key columns (default: preset, else inferred)"
     )
@@ -329,6 +349,43 @@ class PolicySection(BaseModel):
     max_reject_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the run if more rows are rejected"
     )
+    train_window_days: int = Field(
+        28,
+        ge=1,
+        le=3650,
+        description="A run that trains uses the ingested partitions of this many"
+        " days up to its run date",
+    )
+    keep_days: int | None = Field(
+        None,
+        ge=1,
+        le=36500,
+        description="Remove ingested/, rejected/, latent/ and metrics/ partitions"
+        " older than this many days (after a successful run); default: keep all",
+    )
+    keep_versions: int | None = Field(
+        None,
+        ge=1,
+        le=10000,
+        description="Keep this many model versions besides the champion (the"
+        " previous champion is never removed); default: keep all",
+    )
+    alert_reject_share: float = Field(
+        0.01, ge=0, le=1, description="Alert when a larger share of rows is rejected"
+    )
+    alert_anomaly_rate: float = Field(
+        0.05, ge=0, le=1, description="Alert when a larger share of rows is anomalous"
+    )
+
+    @model_validator(mode="after")
+    def _window_kept(self) -> PolicySection:
+        # Retention must not delete the history a retrain is meant to use.
+        if self.keep_days is not None and self.keep_days < self.train_window_days:
+            raise ValueError(
+                f"keep_days {self.keep_days} is less than train_window_days"
+                f" {self.train_window_days}: training would lose its history"
+            )
+        return self
 
 
 class ExecutionSection(BaseModel):
@@ -514,10 +571,16 @@ class PipelineConfig(BaseModel):
         """Fill defaults that depend on other fields: dataset, run date, preset."""
         data = self.data
         updates: dict[str, Any] = {}
-        dataset = data.dataset or dataset_from_path(data.input.split("*")[0] or "data")
+        templated = is_template(data.input)
+        stem = template_stem(data.input) if templated else data.input.split("*")[0]
+        dataset = data.dataset or dataset_from_path(stem or "data")
         validate_dataset_name(dataset)
         updates["dataset"] = dataset
-        updates["run_date"] = data.run_date or date.today()
+        run_date = data.run_date or date.today()
+        updates["run_date"] = run_date
+        if templated:
+            # Each night reads its own drop, never an older one.
+            updates["input"] = render_input(data.input, run_date)
         preset_name = dataset if data.preset == "auto" else data.preset
         preset = PRESETS.get(preset_name, {}) if data.preset != "none" else {}
         for field_name, key in (

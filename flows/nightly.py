@@ -39,6 +39,12 @@ from flows.config import PipelineConfig, confinement
 from flows.runners import RunnerScope, runner_scope
 from flows.runtime_checks import check_runtime
 from tasks import progress, registry
+from tasks.alerts import (
+    drift_alert,
+    missing_drop_alert,
+    quality_alerts,
+)
+from tasks.alerts import send as send_alert
 from tasks.decide import (
     ChampionInfo,
     ChosenModel,
@@ -50,7 +56,9 @@ from tasks.decide import (
     require_champion_columns,
 )
 from tasks.drift import DriftReport, measure_drift_task
-from tasks.errors import ConfigError
+from tasks.drops import is_template, local_date
+from tasks.errors import ConfigError, InputError, LatentflowError, MissingDropError
+from tasks.history import gather_window
 from tasks.ingest import IngestResult, ingest_task
 from tasks.ingest.parts import (
     FileIngest,
@@ -75,11 +83,13 @@ from tasks.registry import (
     RegisteredVersion,
     find_champion_task,
     promote_task,
+    prune_versions_task,
     record_run_task,
     register_task,
     tag_version_task,
 )
 from tasks.report import drift_rows, publish_plots, publish_report, top_anomalies_task
+from tasks.retention import retention_task
 from tasks.roles import IngestRoles
 from tasks.run_target import RunTarget
 from tasks.score import (
@@ -110,7 +120,7 @@ def _run_name() -> str:
     if isinstance(cfg, dict):
         cfg = PipelineConfig(**cfg)
     if isinstance(cfg, PipelineConfig):
-        data = cfg.resolved().data
+        data = dated(cfg).resolved().data
         return f"{data.dataset}-{data.run_date}"
     return "latentflow"
 
@@ -118,9 +128,10 @@ def _run_name() -> str:
 @flow(name=FLOW_NAME, flow_run_name=_run_name, log_prints=False)
 def nightly(config: PipelineConfig) -> dict[str, Any]:
     """Turn a tabular file into latent features, reconstruction errors and flags."""
-    cfg = config.resolved()
+    template = config.data.input
+    cfg = dated(config).resolved()
     clock = Clock()
-    run, sources = preflight(cfg)
+    run, sources = preflight(cfg, template)
     with run_guards(cfg, run, sources) as (scope, outputs):
         champion = find_champion(run)
         ingested = clock.step("ingest", ingest(cfg, run, scope, outputs))
@@ -132,11 +143,14 @@ def nightly(config: PipelineConfig) -> dict[str, Any]:
         night = measure(cfg, run, ingested, decision, model, scored, drift, clock)
         stage_night(run, night, outputs)
         ingested = publish(run, ingested, outputs)
+        removed = retain(cfg, run)
     links = record(run, ingested, decision, model, night, clock)
     summary = summarize_task.with_options(task_run_name=f"summarize-{run.tag}")(
         run, ingested, decision, model, scored, drift, links
     )
+    summary.update(removed)
     get_run_logger().info("decision: %s (%s)", summary["decision"], summary["reason"])
+    alert(cfg, run, summary, drift, decision)
     report(run, ingested, scored, summary, drift)
     return summary
 
@@ -164,10 +178,31 @@ class Clock:
         return {**self.seconds, "total": round(time.perf_counter() - self._t0, 3)}
 
 
-def preflight(cfg: PipelineConfig) -> tuple[RunTarget, list[Path]]:
+def dated(config: PipelineConfig) -> PipelineConfig:
+    """The config with its run date: as given, else the date a scheduled run was
+    due in ``timezone`` (a run that starts late still reads its own night's
+    drop), else today (resolved later)."""
+    data = config.data
+    if data.run_date is not None:
+        return config
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    due = run.expected_start_time if run is not None else None
+    if run is None or run.deployment_id is None or due is None:
+        if data.timezone is None:
+            return config
+        due = datetime.now(UTC)
+    day = local_date(due, data.timezone)
+    return config.model_copy(update={"data": data.model_copy(update={"run_date": day})})
+
+
+def preflight(
+    cfg: PipelineConfig, template: str | None = None
+) -> tuple[RunTarget, list[Path]]:
     """Before anything is read or written: this machine can run it, where the
     run may go, and the input's files (whose owners' eyes the outputs are for,
-    never more than the inputs')."""
+    never more than the inputs'). A date-templated input whose drop is missing
+    fails here, naming the path it expected, and sends the missing-drop alert."""
     check_runtime(cfg)  # before any output or lock exists
     data = cfg.data
     if data.dataset is None or data.run_date is None:
@@ -178,7 +213,22 @@ def preflight(cfg: PipelineConfig) -> tuple[RunTarget, list[Path]]:
         Path(data.data_dir).expanduser().resolve(),
         cfg.model_name,
     )
-    sources = _allowed_sources(cfg)
+    try:
+        sources = _allowed_sources(cfg)
+    except InputError:
+        if template is None or not is_template(template):
+            raise
+        expected = cfg.data.input
+        send_alert(
+            run.dataset,
+            run.run_date,
+            missing_drop_alert(run.dataset, run.run_date, expected),
+        )
+        raise MissingDropError(
+            f"no drop for {run.run_date}: expected {expected}"
+            f" (input template {template})",
+            expected=expected,
+        ) from None
     # No path of the run may lead out of the data dir.
     check_run_paths(run.data_dir, run.dataset, run.run_date)
     return run, sources
@@ -499,6 +549,57 @@ def publish(
     )
 
 
+def retain(cfg: PipelineConfig, run: RunTarget) -> dict[str, Any]:
+    """After the commit, under the lock: drop partitions older than
+    ``keep_days`` and model versions beyond ``keep_versions``.
+
+    The run's outputs are published by now, so a failure here is logged and
+    reported, never a failed run; the next run tries again.
+    """
+    policy, out = cfg.policy, {}
+    tag = run.tag
+    try:
+        if policy.keep_days is not None:
+            out["partitions_removed"] = retention_task.with_options(
+                task_run_name=f"retention-{tag}"
+            )(run.data_dir, run.dataset, run.run_date, policy.keep_days)
+        if policy.keep_versions is not None:
+            out["versions_removed"] = prune_versions_task.with_options(
+                task_run_name=f"prune-versions-{tag}"
+            )(run.model_name, policy.keep_versions, run.cache_dir)
+    except (LatentflowError, OSError) as exc:
+        get_run_logger().warning("retention failed, will retry next run: %s", exc)
+        out["retention_error"] = str(exc)
+    return out
+
+
+def alert(
+    cfg: PipelineConfig,
+    run: RunTarget,
+    summary: dict[str, Any],
+    drift: DriftReport | None,
+    decision: Decision,
+) -> None:
+    """Send the run's alerts: reject share or anomaly rate above their levels,
+    and a retrain the drift caused (drift is measured only when the champion
+    could otherwise be reused, so training after a measurement is its doing)."""
+    policy = cfg.policy
+    alerts = quality_alerts(
+        run.dataset,
+        run.run_date,
+        summary["rows_in"],
+        summary["rows_rejected"],
+        summary["anomalies"],
+        summary["rows_scored"],
+        policy.alert_reject_share,
+        policy.alert_anomaly_rate,
+    )
+    if drift is not None and decision.action == "train":
+        alerts.append(drift_alert(run.dataset, run.run_date, decision.reason))
+    for one in alerts:
+        send_alert(run.dataset, run.run_date, one)
+
+
 def report(
     run: RunTarget,
     ingested: IngestResult,
@@ -761,9 +862,24 @@ def train_and_register(
     )
     started = time.perf_counter()
     progress.current().status("train: preparing the sample …")
+    # The drop and the days before it, up to train_window_days.
+    window = gather_window(
+        run.data_dir,
+        run.dataset,
+        run.run_date,
+        Path(ingested.ingested_dir),
+        cfg.policy.train_window_days,
+    )
+    rows_dir = window.directory if window else Path(ingested.ingested_dir)
+    trained_on = window.describe() if window else str(run.run_date)
+    if window and window.skipped:
+        get_run_logger().info(
+            "training leaves out %s: columns differ from the drop's",
+            ", ".join(map(str, window.skipped)),
+        )
     try:
         trained = train_task.with_options(task_run_name=f"train-{run.tag}")(
-            Path(ingested.ingested_dir),
+            rows_dir,
             ingested.schema,
             bundle_dir,
             dataset=run.dataset,
@@ -808,6 +924,7 @@ def train_and_register(
                 "dataset": run.dataset,
                 "run_date": str(run.run_date),
                 "config_hash": cfg.config_hash(),
+                "trained_on": trained_on,
             },
             sample=trained.sample,
             plots=[Path(p) for p in trained.plots],
@@ -818,4 +935,6 @@ def train_and_register(
     finally:
         with contextlib.suppress(OSError):
             remove_tree(run.data_dir, stage)
+        if window is not None:
+            remove_scratch(window.directory)
     return trained, registered

@@ -30,6 +30,18 @@ class EmptyInputError(InputError):
     """
 
 
+class MissingDropError(InputError):
+    """The run date's drop of a date-templated input is not there.
+
+    Its own type: a backfill records the night as missing (and alerts) instead
+    of stopping, and the nightly flow sends the missing-drop alert.
+    """
+
+    def __init__(self, message: str, expected: str = "") -> None:
+        super().__init__(message)
+        self.expected = expected
+
+
 class ConfigError(LatentflowError):
     """The run configuration is invalid."""
 

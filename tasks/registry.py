@@ -62,6 +62,10 @@ from tasks.policy import PLAIN
 from tasks.storage import resolve_under
 
 CHAMPION = "champion"
+#: The champion before the current one: never pruned, so a rollback is one
+#: alias move away.
+PREVIOUS_CHAMPION = "previous-champion"
+ALIASES = (CHAMPION, PREVIOUS_CHAMPION)
 BUNDLE_ARTIFACT = "model_dir"
 #: MLflow 3 opens an experiment on its GenAI page unless told it holds models.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -800,10 +804,64 @@ def promote(name: str, version: int, cache_dir: Path) -> None:
         raise error(
             f"{name} v{version} is not loadable, champion left unchanged: {exc}"
         ) from None
-    _safe(
-        f"set {name}@{CHAMPION}",
-        lambda: client.set_registered_model_alias(name, CHAMPION, str(version)),
+    current = _alias_version(client, name, CHAMPION)
+
+    def move_aliases() -> None:
+        if current is not None and current != int(version):
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(current))
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+
+    _safe(f"set {name}@{CHAMPION}", move_aliases)
+
+
+def prune_versions(name: str, keep: int, cache_dir: Path) -> list[int]:
+    """Delete the oldest versions of ``name`` beyond ``keep`` others than the
+    champion; the champion and previous champion are never deleted.
+
+    Returns the deleted version numbers. Their verified local copies in
+    ``cache_dir`` go too; their run's artifacts stay with the MLflow run.
+    """
+    from mlflow import MlflowClient
+
+    client = _safe("open the tracking store", MlflowClient)
+    found = _safe(
+        f"list {name}'s versions",
+        lambda: client.search_model_versions(f"name = '{name}'"),
     )
+    protected = {
+        v for v in (_alias_version(client, name, a) for a in ALIASES) if v is not None
+    }
+    champion = _alias_version(client, name, CHAMPION)
+    # The previous champion counts among the ``keep`` others.
+    room = max(0, keep - len(protected - {champion}))
+    others = sorted(
+        (int(mv.version) for mv in found if int(mv.version) not in protected),
+        reverse=True,
+    )
+    doomed = sorted(others[room:])
+    for version in doomed:
+        _safe(
+            f"delete {name} v{version}",
+            lambda v=version: client.delete_model_version(name, str(v)),
+        )
+        shutil.rmtree(Path(cache_dir) / name / f"v{version}", ignore_errors=True)
+    return doomed
+
+
+def _alias_version(client: Any, name: str, alias: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _safe(
+            f"look up {name}@{alias}",
+            lambda: client.get_model_version_by_alias(name, alias),
+        )
+    except MlflowException:
+        return None
+    return int(mv.version)
+
+
+prune_versions_task = task(prune_versions, name="prune-versions", **PLAIN)
 
 
 def tag_version(name: str, version: int, run_id: str, tags: dict[str, str]) -> None:

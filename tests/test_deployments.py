@@ -251,19 +251,31 @@ def test_deployment_definitions(monkeypatch, tmp_path):
     from deployments import definitions as d
 
     monkeypatch.setenv("LATENTFLOW_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LATENTFLOW_WEATHERAUS_CSV", "weather.csv")
+    monkeypatch.delenv("LATENTFLOW_WEATHERAUS_CSV", raising=False)
+    monkeypatch.delenv("LATENTFLOW_WEATHERAUS_DROPS", raising=False)
     monkeypatch.delenv("LATENTFLOW_ON_DEMAND_INPUT", raising=False)
-    nightly, on_demand = d.build_deployments()
+    nightly, on_demand, backfill = d.build_deployments()
     assert (nightly.name, on_demand.name) == (d.NIGHTLY, d.ON_DEMAND)
     assert nightly.entrypoint == on_demand.entrypoint == d.ENTRYPOINT
     assert nightly.flow_name == on_demand.flow_name == FLOW
+    assert (backfill.name, backfill.flow_name) == (d.BACKFILL, "latentflow-backfill")
+    assert {"start", "end", "config"} <= set(
+        backfill._parameter_openapi_schema.properties
+    )
     cfg = nightly.parameters["config"]["data"]
-    assert cfg["input"] == str(Path("weather.csv").resolve())  # absolute
+    # Each night reads its own drop (a template), dated in Sydney.
+    assert cfg["input"] == f"{tmp_path / 'data'}/input/weatheraus/{{run_date}}.csv"
+    assert cfg["timezone"] == "Australia/Sydney"
     assert cfg["data_dir"] == str(tmp_path / "data")
+    monkeypatch.setenv("LATENTFLOW_WEATHERAUS_CSV", "weather.csv")
+    (plain, *_) = d.build_deployments()
+    assert plain.parameters["config"]["data"]["input"] == str(
+        Path("weather.csv").resolve()
+    )  # absolute
     assert on_demand.parameters == {
         "config": {"data": {"data_dir": str(tmp_path / "data")}}
     }
-    for dep in (nightly, on_demand):
+    for dep in (nightly, on_demand, backfill):
         assert dep.enforce_parameter_schema is True
         assert dep.concurrency_limit == 1
         assert dep.concurrency_options.collision_strategy == (
@@ -285,7 +297,7 @@ def test_deployment_definitions(monkeypatch, tmp_path):
     # make serve waits for exactly these names without importing definitions.
     from deployments.serve import DEPLOYMENT_NAMES
 
-    assert set(DEPLOYMENT_NAMES) == {d.NIGHTLY, d.ON_DEMAND}
+    assert set(DEPLOYMENT_NAMES) == {d.NIGHTLY, d.ON_DEMAND, d.BACKFILL}
 
     pooled = d.build_deployments(
         work_pool_name="latentflow-gpu", job_variables={"image": "img:1"}
@@ -304,7 +316,7 @@ def test_form_groups_the_config_and_still_takes_flat_parameters(monkeypatch, tmp
     from deployments import definitions as d
 
     monkeypatch.setenv("LATENTFLOW_DATA_DIR", str(tmp_path / "data"))
-    nightly, on_demand = d.build_deployments()
+    nightly, on_demand, _backfill = d.build_deployments()
     schema = nightly._parameter_openapi_schema.model_dump()
     defs = schema["definitions"]
     config = defs["PipelineConfig"]

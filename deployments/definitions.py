@@ -285,7 +285,6 @@ def build_deployments(
     return [nightly_dep, on_demand, backfill_dep]
 
 
-
 def synthesize_parameters(data_dir: Path | str | None = None) -> dict[str, Any]:
     """Default parameters of ``latentflow-synthesize``: 10,000 weatherAUS rows
     by the GAN into ``<data-dir>/weatheraus-synthetic.parquet``."""

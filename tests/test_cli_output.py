@@ -93,7 +93,12 @@ def test_terminal_shows_stages_and_training_epochs(runs):
     code, stdout, stderr = runs["terminal"]
     assert code == 0, stderr[-2000:]
     assert _one_json_line(stdout)["trained"] is True
-    for stage in ("champion:", "ingest: 600 rows", "decide: train (forced)", "score:"):
+    for stage in (
+        "champion:",
+        "ingest: 600 rows",
+        "decide: train a challenger (forced)",
+        "score:",
+    ):
         assert f"latentflow: {stage}" in stderr, stderr
     # The epoch display is rewritten in place: one carriage return per update.
     assert "latentflow: train: epoch 1/3  train_loss " in stderr, stderr
@@ -112,7 +117,7 @@ def test_verbose_adds_prefect_and_mlflow_logs(runs):
     assert "Finished in state Completed()" in stderr  # Prefect's run logs
     assert "Created version '1' of model 'weatheraus-autoencoder'" in stderr
     # Off a terminal the stage lines stay, without terminal control codes.
-    assert "latentflow: decide: train" in stderr and "\r" not in stderr
+    assert "latentflow: decide: train a challenger" in stderr and "\r" not in stderr
 
 
 @pytest.mark.slow

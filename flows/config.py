@@ -210,14 +210,6 @@ class ModelSection(BaseModel):
         json_schema_extra=_kind_schema,
     )
     latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
-    pca_axes: int | None = Field(
-        None,
-        ge=0,
-        le=128,
-        description="Latent axes that are the leading principal components"
-        " (empty: half the latent, rounded up, for the plain kinds; 0 for the"
-        " others)",
-    )
     # Defaults measured on weatherAUS (2 CPU cores): ~45 s of training, holdout MSE
     # about 0.55x PCA(8); see benchmarks/quality.py.
     epochs: int = Field(80, ge=1, le=1000, description="Most training epochs")
@@ -233,6 +225,14 @@ class ModelSection(BaseModel):
     )
     hidden: tuple[int, ...] = Field(
         (128, 64), description="Encoder hidden layer widths (decoder mirrors them)"
+    )
+    pca_axes: int | None = Field(
+        None,
+        ge=0,
+        le=128,
+        description="Latent axes that are the leading principal components"
+        " (empty: half the latent, rounded up, for the plain kinds; 0 for the"
+        " others)",
     )
     batch_size: int = Field(
         1024, ge=8, le=65536, description="Training mini-batch size"

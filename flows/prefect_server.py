@@ -119,7 +119,7 @@ class TemporaryServer:
             env=env,
             stdin=subprocess.DEVNULL,
             # stdout carries the CLI's one JSON line: the server's goes to stderr.
-            stdout=sys.stderr.fileno(),
+            stdout=_stderr_fd(),
         )
         if self._starts == 1:
             atexit.register(self.stop)
@@ -176,3 +176,13 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _stderr_fd() -> int:
+    """stderr's file descriptor, or DEVNULL when stderr is not a real file
+    (the CLI called in-process with captured streams)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        # io.UnsupportedOperation is an OSError and a ValueError.
+        return subprocess.DEVNULL

@@ -307,11 +307,11 @@ class DensityScore(nn.Module):
     def embed(self, code: torch.Tensor, sq_error: torch.Tensor) -> torch.Tensor:
         """Rows in the neighbour term's space, shape (n, latent_dim + 1)."""
         z = (code - self.code_mean) / self.code_scale
-        # mean(sq_error / error_scale) as one matrix-vector product: a single
-        # pass over the (n, n_features) errors instead of two.
-        weights = (self.error_scale * self.n_features).reciprocal().to(sq_error.dtype)
-        err = torch.mv(sq_error, weights).clamp_min_(0).sqrt_()
-        return torch.cat([z, err.unsqueeze(1)], dim=1)
+        # Elementwise, then a row mean: each row's value never depends on how
+        # many rows share its batch (a matrix-vector product's BLAS kernel
+        # does, in the last bits), so every runner and batch size agree.
+        err = (sq_error / self.error_scale).mean(dim=1, keepdim=True).sqrt()
+        return torch.cat([z, err], dim=1)
 
     def _fit_tails(self, columns: np.ndarray) -> None:
         n, m = columns.shape

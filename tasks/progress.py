@@ -46,12 +46,18 @@ class Progress:
             return
         with self._lock:
             head = _CLEAR if self._transient else ""
-            if transient:
-                stream.write(f"{head}{PREFIX}{text}")
-            else:
-                stream.write(f"{head}{PREFIX}{text}\n")
+            try:
+                if transient:
+                    stream.write(f"{head}{PREFIX}{text}")
+                else:
+                    stream.write(f"{head}{PREFIX}{text}\n")
+                stream.flush()
+            except (OSError, ValueError):
+                # A closed or broken stream (a closed pipe, an earlier caller's
+                # captured stderr): progress is best effort, never a failure.
+                self.stream = None
+                return
             self._transient = transient
-            stream.flush()
 
     def line(self, text: str) -> None:
         """A line that stays."""

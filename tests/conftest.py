@@ -79,6 +79,21 @@ def pg_database(postgres_server: str) -> Iterator[Callable[[], str]]:
         engine.dispose()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_tracking_uri_from_earlier_modules() -> Iterator[None]:
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, and an in-process
+    # run leaves it (and latentflow's marker of its own URI) set after its test
+    # ends. Module-scoped fixtures run before the function-scoped clean-up
+    # below, so each module starts without them: a module's runs must never
+    # reach an earlier module's store.
+    names = ("MLFLOW_TRACKING_URI", "LATENTFLOW_EMBEDDED_TRACKING_URI")
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    yield
+    for n in names:
+        os.environ.pop(n, None)
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch, tmp_path):
     # Tests use MLflow on SQLite in their own tmp dir, never a user's server.

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -227,15 +228,73 @@ def test_rerun_after_crashes_completes(first_run):
     assert not any((data / ".staging").iterdir())
 
 
-def test_concurrent_runs_same_dataset_one_waits_out(first_run, tmp_path):
+# Another process holding the dataset's lock, as a long run does: the test
+# decides when it is released, so the overlap never depends on timing.
+_HOLDER = """
+import sys
+from tasks.storage import DatasetLock
+with DatasetLock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held(data: Path, dataset: str = "weatheraus"):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(data), dataset],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def waits_at(run: Run, lock: Path, timeout: float = 300) -> bool:
+    """Whether ``run`` has opened ``lock`` (it polls it from then on) before
+    ``timeout``; False if it exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        with contextlib.suppress(OSError):
+            fds = Path(f"/proc/{run.proc.pid}/fd").iterdir()
+            if any(os.path.realpath(fd) == str(lock) for fd in fds):
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_run_of_a_locked_dataset_fails_cleanly(first_run):
     csv, data, _ = first_run
-    a = start(csv, data, "--run-date", "2024-06-02")
-    b = start(csv, data, "--run-date", "2024-06-02")
-    results = [finish(a), finish(b)]
-    codes = sorted(r[0] for r in results)
-    assert codes == [0, 2], results
-    loser = next(r for r in results if r[0] == 2)
-    assert "already running" in loser[2] and "Traceback" not in loser[2]
+    before = snapshot(data)
+    with lock_held(data) as holder:
+        rc, out, err = finish(start(csv, data, "--run-date", "2024-06-02"))
+    assert rc == 2, err[-3000:]
+    assert out == ""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("latentflow: error: dataset 'weatheraus' is already")
+    assert f"pid={holder.pid}" in last and "Traceback" not in err
+    assert snapshot(data) == before
+    assert_clean_outputs(data)
+
+
+def test_run_waits_out_a_held_lock_when_asked(first_run):
+    csv, data, _ = first_run
+    config = data.parent / "wait.toml"
+    config.write_text("[execution]\nlock_wait_seconds = 600\n")
+    lock = (data / ".locks" / "weatheraus.lock").resolve()
+    with lock_held(data):
+        run = start(csv, data, "--run-date", "2024-06-03", "--config", str(config))
+        assert waits_at(run, lock), "the run never reached the lock"
+        assert run.proc.poll() is None
+    rc, out, err = finish(run)
+    assert rc == 0, err[-3000:]
+    assert json.loads(out)["run_date"] == "2024-06-03"
     assert_clean_outputs(data)
 
 

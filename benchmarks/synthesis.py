@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings,
                 label=src.label,
                 forbidden=base.forbidden,
+                rules=rules,
+                keep=rule_filter(rules, base.kinds()),
             )
         )
         fit_s = time.perf_counter() - t0

@@ -25,7 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import PRESETS
 from models.atomic import atomic_path
-from models.synthesis import Generated, GeneratorSettings, TableGenerator, generate
+from models.synthesis import (
+    GENERATOR_FORMAT,
+    Generated,
+    GeneratorSettings,
+    TableGenerator,
+    column_kinds,
+    generate,
+)
 from tasks.generator_registry import (
     find_generator,
     log_report,
@@ -59,8 +66,12 @@ class SynthesizeParams(BaseModel):
         "gan", description="Which generator writes the output rows"
     )
     seed: int = Field(0, ge=0, description="Same seed and rows: same output")
-    gan_steps: int = Field(500, gt=0, description="GAN training steps")
-    vae_epochs: int = Field(40, gt=0, description="VAE training epochs")
+    gan_steps: int = Field(
+        GeneratorSettings.gan_steps, gt=0, description="GAN training steps"
+    )
+    vae_epochs: int = Field(
+        GeneratorSettings.vae_epochs, gt=0, description="VAE training epochs"
+    )
     rules: list[str] | None = Field(
         None, description="Domain rules the rows must pass (default: the preset's)"
     )
@@ -95,7 +106,13 @@ def _train_or_reuse(
     data_dir = Path(params.data_dir).resolve()
     settings = params.settings()
     fingerprint = src.fingerprint(
-        base.forbidden, {"kind": kind, "rules": rules, **settings.to_dict()}
+        base.forbidden,
+        {
+            "kind": kind,
+            "rules": rules,
+            "format": GENERATOR_FORMAT,
+            **settings.to_dict(),
+        },
     )
     found = find_generator(
         params.dataset, kind, fingerprint, data_dir / ".cache" / "models"
@@ -112,6 +129,7 @@ def _train_or_reuse(
         label=src.label,
         forbidden=base.forbidden,
         rules=rules,
+        keep=rule_filter(rules, column_kinds(src.numeric, src.categorical)),
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".gen-{kind}-", dir=_scratch(data_dir)))
     try:

@@ -16,12 +16,20 @@ and the same way back to raw rows (:class:`models.rawspace.RawSpace`):
     The baseline: every column drawn from its own marginal (missing rate,
     quantiles, level frequencies), ignoring every other column.
 
-For the two learnt generators each numeric column then goes through a fixed
-monotone map, fitted once, that takes the generator's own quantiles to the
-training data's (marginal calibration): the generator decides the order of
-values, i.e. how columns move together, and the data decides their spread.
-Without it, a few hundred GAN steps leave marginals visibly off, and a VAE's
-decoded means are shrunk towards the centre.
+Both learnt generators give each discrete column (missing indicator, category
+block) as probabilities, and the draw is made here. Their outputs are then
+calibrated to the training data's marginals, once, on a reference draw:
+
+* each discrete column gets additive log-odds offsets (one per level) that
+  bring the mean drawn rate of every level to its training rate, found by
+  iterative proportional fitting;
+* each numeric column goes through a fixed monotone map from the generator's
+  own quantiles (over the rows it leaves observed) to the training data's.
+
+The generator decides how columns move together, and the data decides each
+column's rates and spread. Without it, a few thousand GAN steps leave
+marginals visibly off, a VAE's decoded means are shrunk towards the centre, and
+its missing rates come out low on columns missing for whole stations.
 
 :func:`generate` adds what every output needs: rows that break the dataset's
 rules, and copies of training rows, are dropped and drawn again.
@@ -50,12 +58,15 @@ from models.integrity import check_manifest, write_manifest
 from models.preprocessing import MISSING, TabularPreprocessor, _as_float
 from models.rawspace import RawSpace
 
-GENERATOR_FORMAT = 1
+#: 2: discrete columns drawn from probabilities with calibration offsets.
+GENERATOR_FORMAT = 2
 GENERATOR_KINDS = ("gan", "vae", "independent")
 #: Quantile levels kept per numeric column (marginals and calibration).
 N_QUANTILES = 513
 #: Rows drawn once after fitting to learn the generator's own quantiles.
 CALIBRATION_ROWS = 20_000
+#: Probabilities are kept inside [_P_MIN, 1 - _P_MIN] for log-odds.
+_P_MIN = 1e-9
 #: Most rounds of draw-check-redraw before giving up on a request.
 MAX_ROUNDS = 60
 
@@ -71,7 +82,7 @@ class GenerationError(LatentflowError):
 class GeneratorSettings:
     """How the learnt generators are trained; small enough for a CPU."""
 
-    gan_steps: int = 500
+    gan_steps: int = 2000
     gan_batch_size: int = 500
     vae_epochs: int = 40
     vae_latent_dim: int = 8
@@ -92,6 +103,9 @@ class TableGenerator:
     label: str | None = None
     model: Any = None  # TabularGAN | the vae family | None
     calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: Log-odds offsets per discrete column: [offset] for a numeric column's
+    #: missing indicator, one per level (``__unknown__`` excluded) for a block.
+    offsets: dict[str, list[float]] = field(default_factory=dict)
     marginals: dict[str, Any] = field(default_factory=dict)
     forbidden: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     n_train_rows: int = 0
@@ -102,11 +116,7 @@ class TableGenerator:
 
     def kinds(self) -> dict[str, str]:
         """Each generated column's kind, as the rules see it."""
-        pre = self.space.pre
-        return {
-            **{c: "numeric" for c in pre.numeric},
-            **{c: "categorical" for c in pre.categorical},
-        }
+        return column_kinds(self.space.pre.numeric, self.space.pre.categorical)
 
     # -- fitting ---------------------------------------------------------------
     @classmethod
@@ -120,9 +130,11 @@ class TableGenerator:
         label: str | None = None,
         forbidden: np.ndarray | None = None,
         rules: list[str] | None = None,
+        keep: Keep | None = None,
     ) -> TableGenerator:
         """Fit on raw rows; ``forbidden`` are the row hashes never to emit
-        (default: those of ``table``)."""
+        (default: those of ``table``); ``keep`` is the rules' row filter, used
+        to calibrate on the rows that will be written."""
         if kind not in GENERATOR_KINDS:
             raise ValueError(f"unknown generator {kind!r}; known: {GENERATOR_KINDS}")
         pre = TabularPreprocessor(numeric, categorical, max_categories=256).fit(table)
@@ -149,21 +161,53 @@ class TableGenerator:
             self.history = dict(self.model.history_)
         else:
             with one_thread():
-                self.model = _fit_vae(x, settings)
+                self.model = _fit_vae(x, space, settings)
             self.history = dict(self.model.history_)
         if settings.calibrate:
-            # A few times the training rows is enough to pin the quantiles.
-            n_ref = min(CALIBRATION_ROWS, max(2000, 4 * table.num_rows))
-            ref = self._draw_uncalibrated(n_ref, settings.seed + 1_000_003)
-            self.calibration = {
-                name: {
-                    "generated": _quantiles(ref[name]),
-                    "real": self.marginals[name]["quantiles"],
-                }
-                for name in pre.numeric
-                if len(self.marginals[name]["quantiles"])
-            }
+            self._calibrate(table.num_rows, keep)
         return self
+
+    def _calibrate(self, n_train: int, keep: Keep | None) -> None:
+        """Fit :attr:`offsets` and :attr:`calibration` on one reference draw."""
+        # A few times the training rows is enough to pin rates and quantiles.
+        n_ref = min(CALIBRATION_ROWS, max(2000, 4 * n_train))
+        seed = self.settings.seed + 1_000_003
+        x = self._matrix(n_ref, seed)
+        self._fit_marginals(x, seed)
+        if keep is None:
+            return
+        # Only rows that pass the rules are written, and rules drop rows
+        # unevenly ("if Rainfall > 1 then RainToday == Yes" drops more wet
+        # days): fitted again on the passing rows, the written rows keep the
+        # data's rates and spread.
+        passed = np.asarray(keep(self._table(x, seed)), bool)
+        if passed.sum() >= min(1000, len(x) // 2):
+            self._fit_marginals(x[passed], seed)
+
+    def _fit_marginals(self, x: np.ndarray, seed: int) -> None:
+        """Offsets, then quantile maps, that take ``x``'s draws to the data's."""
+        space, pre = self.space, self.space.pre
+        for name, j in space.indicator_index().items():
+            self.offsets[name] = [
+                _rate_offset(x[:, j], self.marginals[name]["missing_rate"])
+            ]
+        for name, (j, levels) in space.category_blocks().items():
+            m = self.marginals[name]
+            freq = dict(zip(m["levels"], m["freq"], strict=True))
+            target = np.asarray([freq.get(k, 0) for k in levels[:-1]], np.float64)
+            block = x[:, j : j + len(levels) - 1]
+            self.offsets[name] = _level_offsets(block, target).tolist()
+        missing = self._missing(x, np.random.default_rng([seed, 3]))
+        for i, name in enumerate(pre.numeric):
+            real = self.marginals[name]["quantiles"]
+            if not len(real):
+                continue
+            raw = x[:, i].astype(np.float64) * pre.scales_[i] + pre.means_[i]
+            kept = raw[~missing[name]] if name in missing else raw
+            # Quantiles of the values the generator leaves observed: an
+            # imputed value under a drawn null is never shown.
+            generated = _quantiles(kept if len(kept) else raw)
+            self.calibration[name] = {"generated": generated, "real": real}
 
     # -- drawing -----------------------------------------------------------------
     def _matrix(self, n: int, seed: int) -> np.ndarray:
@@ -174,21 +218,36 @@ class TableGenerator:
         with one_thread():
             return np.asarray(self.model.sample(n, random_state=seed), np.float32)
 
-    def _draw_uncalibrated(self, n: int, seed: int) -> dict[str, np.ndarray]:
-        """Raw-unit numeric values before clipping, rounding and calibration."""
-        x = self._matrix(n, seed)
-        pre = self.space.pre
-        return {
-            name: x[:, i].astype(np.float64) * pre.scales_[i] + pre.means_[i]
-            for i, name in enumerate(pre.numeric)
-        }
+    def _missing(
+        self, x: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        """Each gappy numeric column's drawn nulls, from its probabilities."""
+        out = {}
+        for name, j in self.space.indicator_index().items():
+            (b,) = self.offsets.get(name, [0.0])
+            out[name] = rng.random(len(x)) < _shifted(x[:, j], b)
+        return out
+
+    def _labels(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Each category's drawn labels, from its block's probabilities."""
+        out = {}
+        for name, (j, levels) in self.space.category_blocks().items():
+            k = len(levels) - 1  # never __unknown__: no raw label stands for it
+            b = np.asarray(self.offsets.get(name, np.zeros(k)), np.float64)
+            p = _reweighted(x[:, j : j + k], b)
+            out[name] = np.asarray(levels[:-1], dtype=object)[_draw_rows(p, rng)]
+        return out
 
     def draw(self, n: int, seed: int) -> pa.Table:
         """``n`` raw rows (rules and copies not yet checked; see :func:`generate`)."""
-        rng = np.random.default_rng([seed, 3])
         if self.kind == "independent":
-            return self._draw_independent(n, rng)
-        x = self._matrix(n, seed)
+            return self._draw_independent(n, np.random.default_rng([seed, 3]))
+        return self._table(self._matrix(n, seed), seed)
+
+    def _table(self, x: np.ndarray, seed: int) -> pa.Table:
+        """Raw rows from the generator's matrix: numbers calibrated, clipped
+        and rounded; nulls and levels drawn from their offset probabilities."""
+        rng = np.random.default_rng([seed, 3])
         space, pre = self.space, self.space.pre
         numeric = {}
         for i, r in enumerate(space.ranges):
@@ -197,23 +256,8 @@ class TableGenerator:
             if cal is not None:
                 raw = np.interp(raw, cal["generated"], cal["real"])
             numeric[r.name] = space.finish(r, raw)
-        missing = {}
-        for name, j in space.indicator_index().items():
-            p = x[:, j]
-            if self.kind == "vae":  # decoded probabilities: draw, do not threshold
-                missing[name] = rng.random(n) < np.clip(p, 0.0, 1.0)
-            else:
-                missing[name] = p > 0.5
-        labels = {}
-        for name, (j, levels) in space.category_blocks().items():
-            block = x[:, j : j + len(levels) - 1]  # never __unknown__: no raw label
-            if self.kind == "vae":
-                p = np.clip(block.astype(np.float64), 0.0, None) + 1e-6
-                idx = _draw_rows(p / p.sum(axis=1, keepdims=True), rng)
-                labels[name] = np.asarray(levels, dtype=object)[idx]
-            else:
-                labels[name] = space.levels_of(block, [*levels[:-1], "_"])
-        return space.to_table(numeric, missing, labels)
+        missing = self._missing(x, rng)
+        return space.to_table(numeric, missing, self._labels(x, rng))
 
     def _draw_independent(self, n: int, rng: np.random.Generator) -> pa.Table:
         space = self.space
@@ -251,6 +295,7 @@ class TableGenerator:
             "settings": self.settings.to_dict(),
             "space": self.space.to_dict(),
             "calibration": self.calibration,
+            "offsets": self.offsets,
             "marginals": self.marginals,
             "n_train_rows": self.n_train_rows,
             "rules": self.rules,
@@ -308,11 +353,20 @@ class TableGenerator:
             label=meta.get("label"),
             model=model,
             calibration=meta["calibration"],
+            offsets=meta["offsets"],
             marginals=meta["marginals"],
             forbidden=hashes,
             n_train_rows=int(meta["n_train_rows"]),
             rules=list(meta.get("rules", [])),
         )
+
+
+def column_kinds(numeric: list[str], categorical: list[str]) -> dict[str, str]:
+    """Each generated column's kind, as the rules see it."""
+    return {
+        **{c: "numeric" for c in numeric},
+        **{c: "categorical" for c in categorical},
+    }
 
 
 # -- fitting helpers --------------------------------------------------------------
@@ -364,7 +418,7 @@ def _fit_gan(x: np.ndarray, space: RawSpace, settings: GeneratorSettings) -> Any
     return gan.fit(x, observed)
 
 
-def _fit_vae(x: np.ndarray, settings: GeneratorSettings) -> Any:
+def _fit_vae(x: np.ndarray, space: RawSpace, settings: GeneratorSettings) -> Any:
     from models.families import get_family
 
     family = get_family("vae")
@@ -376,8 +430,64 @@ def _fit_vae(x: np.ndarray, settings: GeneratorSettings) -> Any:
         "patience": None,
         "device": "cpu",
         "random_state": settings.seed,
+        # Softmax blocks: the decoded levels are probabilities to draw from.
+        "one_hot_groups": [
+            list(range(j, j + len(levels)))
+            for j, levels in space.category_blocks().values()
+        ]
+        or None,
     }
     return family.build(params).fit(x)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), _P_MIN, 1.0 - _P_MIN)
+    return np.log(p) - np.log1p(-p)
+
+
+def _shifted(p: np.ndarray, offset: float) -> np.ndarray:
+    """Probabilities ``p`` with ``offset`` added to their log-odds."""
+    return 1.0 / (1.0 + np.exp(-(_logit(p) + offset)))
+
+
+def _rate_offset(p: np.ndarray, rate: float) -> float:
+    """The log-odds offset that makes ``mean(_shifted(p, offset))`` ``rate``
+    (bisection: the mean is increasing in the offset)."""
+    if len(p) == 0:
+        return 0.0
+    rate = float(np.clip(rate, _P_MIN, 1.0 - _P_MIN))
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _shifted(p, mid).mean() < rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _reweighted(block: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Rows of level probabilities times ``exp(offsets)``, renormalised."""
+    p = np.clip(np.asarray(block, np.float64), _P_MIN, None) * np.exp(offsets)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _level_offsets(block: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-level log offsets that bring the block's mean probabilities to the
+    level frequencies ``counts`` (iterative proportional fitting)."""
+    k = block.shape[1]
+    if len(block) == 0 or counts.sum() <= 0:
+        return np.zeros(k)
+    target = counts / counts.sum()
+    # A level never seen in training is never drawn.
+    offsets = np.where(target > 0, 0.0, -50.0)
+    for _ in range(50):
+        mean = _reweighted(block, offsets).mean(axis=0)
+        step = np.log(np.maximum(target, _P_MIN) / np.maximum(mean, _P_MIN))
+        offsets = np.where(target > 0, offsets + step, -50.0)
+        if np.max(np.abs(step[target > 0])) < 1e-4:
+            break
+    return offsets - offsets[target > 0].max()
 
 
 def _draw_rows(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:

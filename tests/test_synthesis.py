@@ -334,3 +334,34 @@ def test_rules_no_row_can_pass_are_a_one_line_user_error():
         draw(gen, 5, 0, keep)
     assert isinstance(info.value, LatentflowError)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["gan", "vae"])
+def test_barely_trained_generators_keep_the_missing_and_level_rates(kind):
+    """Calibration, not training length, sets each discrete column's rates: a
+    generator trained for a few steps still draws nulls and levels as often as
+    the training rows have them."""
+    from models.synthesis import GeneratorSettings, TableGenerator
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    a = rng.normal(20, 5, n)
+    gone = rng.random(n) < 0.4  # a sensor missing on 40 % of the days
+    levels = rng.choice(["N", "S", "E", "W"], n, p=[0.55, 0.3, 0.1, 0.05])
+    table = pa.table(
+        {
+            "a": pa.array(a, mask=gone),
+            "b": pa.array(0.8 * a + rng.normal(0, 2, n)),
+            "dir": pa.array(levels.tolist()),
+        }
+    )
+    settings = GeneratorSettings(gan_steps=5, vae_epochs=1, seed=0)
+    gen = TableGenerator.fit(kind, table, ["a", "b"], ["dir"], settings)
+    out = gen.draw(6000, seed=1)
+    assert abs(np.mean(out.column("a").is_null()) - 0.4) < 0.03
+    drawn = out.column("dir").to_numpy(zero_copy_only=False)
+    for level, rate in {"N": 0.55, "S": 0.3, "E": 0.1, "W": 0.05}.items():
+        assert abs(np.mean(drawn == level) - rate) < 0.03, level
+    # The numbers the generator leaves observed have the training spread.
+    kept = out.column("a").drop_null().to_numpy()
+    assert abs(np.median(kept) - np.median(a[~gone])) < 1.0

@@ -357,7 +357,9 @@ def step_score_floor(ingested_dir: str, bundle_dir: str, out: str) -> dict[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from models import columns as cols
     from models.bundle import LatentModel
+    from models.explain import TOP_COLUMNS
     from tasks.score import output_schema
 
     model = LatentModel.load(Path(bundle_dir))
@@ -371,16 +373,32 @@ def step_score_floor(ingested_dir: str, bundle_dir: str, out: str) -> dict[str, 
     )
     n = pq.ParquetFile(part).metadata.num_rows
     rng = np.random.default_rng(0)
-    latent = rng.random((model.latent_dim, n), dtype=np.float32)
-    err = rng.random(n, dtype=np.float32)
-    flag = pa.array(err > 0.99)
-    name = pa.array(np.full(n, model.info.dataset, dtype=object), pa.string())
-    version = pa.array(np.ones(n, dtype=np.int32))
+    flag = rng.random(n) > 0.99
+    # Every output column after the keys, as scoring fills it: floats, the
+    # flag, an explanation on each flagged row, the model's name and version.
+    made: dict[str, pa.Array] = {}
+    for f in schema:
+        if f.name == cols.IS_ANOMALY:
+            made[f.name] = pa.array(flag)
+        elif f.name == cols.EXPLANATION:
+            entry = [
+                {"column": c, "observed": "1.0", "expected": "0.5", "contribution": 0.3}
+                for c in needed[:TOP_COLUMNS]
+            ]
+            made[f.name] = pa.array(
+                [entry if x else None for x in flag.tolist()], type=f.type
+            )
+        elif f.name == cols.MODEL_NAME:
+            made[f.name] = pa.array(np.full(n, model.info.dataset, dtype=object))
+        elif f.name == cols.MODEL_VERSION:
+            made[f.name] = pa.array(np.ones(n, dtype=np.int32))
+        elif pa.types.is_floating(f.type):
+            made[f.name] = pa.array(rng.random(n, dtype=np.float32))
     with Measure() as m:
         table = pq.read_table(part, columns=columns)
-        arrays = [table.column("_row_id"), *[table.column(k) for k in keys]]
-        arrays += [pa.array(col) for col in latent]
-        arrays += [pa.array(err), flag, name, version]
+        arrays = [
+            table.column(f.name) if f.name not in made else made[f.name] for f in schema
+        ]
         pq.write_table(pa.table(arrays, schema=schema), out, compression="zstd")
     return m.result(rows=n)
 

@@ -711,6 +711,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-e2e", action="store_true", help="skip latentflow run")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--out", default=str(RESULTS / "bench.json"), help="JSON path")
+    ap.add_argument(
+        "--only",
+        metavar="SECTIONS",
+        help="comma-separated sections to measure, of training, scoring, dask,"
+        " e2e (data and ingest always run: the others read their output)",
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     plan = QUICK if args.quick else FULL
@@ -751,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if plan.e2e and not args.no_e2e:
         sections.append(("e2e", lambda: bench_e2e(plan, scratch, report)))
+    if args.only:
+        wanted = {"data", "ingest", *(s.strip() for s in args.only.split(","))}
+        sections = [(name, run) for name, run in sections if name in wanted]
     interrupted = False
     try:
         for name, section in sections:

@@ -231,7 +231,8 @@ def build_deployments(
     work_pool_name: str | None = None,
     job_variables: dict[str, Any] | None = None,
 ) -> list[RunnerDeployment]:
-    """The three deployments, ready for ``prefect.serve(*...)`` or ``.apply()``.
+    """The four deployments (nightly, on-demand, backfill, synthesize), ready
+    for ``prefect.serve(*...)`` or ``.apply()``.
 
     Without ``work_pool_name`` they are for ``serve`` (runs are subprocesses of
     the serving process); with one, a worker of that pool runs them.
@@ -282,7 +283,10 @@ def build_deployments(
         tags=[*TAGS, "backfill"],
         **common,
     )
-    return [nightly_dep, on_demand, backfill_dep]
+    synthesize_dep = build_synthesis_deployment(
+        data_dir=data_dir, work_pool_name=work_pool_name, job_variables=job_variables
+    )
+    return [nightly_dep, on_demand, backfill_dep, synthesize_dep]
 
 
 def synthesize_parameters(data_dir: Path | str | None = None) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def apply(
     data_dir: str | None = None,
     weatheraus_csv: str | None = None,
 ) -> list[str]:
-    """Register both deployments on ``pool``; returns their full names."""
+    """Register the deployments on ``pool``; returns their full names."""
     from deployments.definitions import (
         build_deployments,
         confinement_env,

@@ -58,7 +58,12 @@ BIN = Path(sys.executable).parent
 STOP_GRACE_SECONDS = 20.0
 # Same as deployments.definitions.NIGHTLY / ON_DEMAND (a test keeps them equal);
 # not imported from there, which would load torch and MLflow into the supervisor.
-DEPLOYMENT_NAMES = ("weatheraus-nightly", "latentflow-on-demand", "latentflow-backfill")
+DEPLOYMENT_NAMES = (
+    "weatheraus-nightly",
+    "latentflow-on-demand",
+    "latentflow-backfill",
+    "latentflow-synthesize",
+)
 # One database for both (--database-url): a schema each.
 PREFECT_SCHEMA = "prefect"
 MLFLOW_SCHEMA = "mlflow"

@@ -732,13 +732,7 @@ class Confinement:
             files = [Path(p) for p in _list_sources(cfg.data.input)]
         else:
             files = input_files(cfg.data.input, self.input_roots)
-        data_dir = Path(cfg.data.data_dir).expanduser().resolve()
-        if self.data_roots is not None and not _inside(data_dir, self.data_roots):
-            raise ConfigError(
-                f"data_dir {cfg.data.data_dir} (resolved {data_dir}) is outside the"
-                f" data roots {_show(self.data_roots)}; runs here write only under them"
-                f" (set {DATA_ROOTS_ENV} on the host that runs them)"
-            )
+        self.check_writes(data_dir=cfg.data.data_dir)
         address = cfg.execution.dask_address
         if (
             self.dask_addresses is not None
@@ -751,6 +745,20 @@ class Confinement:
                 f" ({allowed}; set {DASK_ADDRESSES_ENV} on the host that runs them)"
             )
         return files
+
+    def check_writes(self, **paths: str | Path) -> None:
+        """:class:`ConfigError` (one line) for the first of ``paths`` (by its
+        parameter name) that is outside the data roots."""
+        if self.data_roots is None:
+            return
+        for name, path in paths.items():
+            real = Path(path).expanduser().resolve()
+            if not _inside(real, self.data_roots):
+                raise ConfigError(
+                    f"{name} {path} (resolved {real}) is outside the data roots"
+                    f" {_show(self.data_roots)}; runs here write only under them"
+                    f" (set {DATA_ROOTS_ENV} on the host that runs them)"
+                )
 
 
 def _list_sources(source: str) -> list[str]:

@@ -21,9 +21,10 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.config import PRESETS
+from flows.config import PRESETS, confinement
 from models.atomic import atomic_path
 from models.synthesis import (
     GENERATOR_FORMAT,
@@ -85,6 +86,17 @@ class SynthesizeParams(BaseModel):
         if self.rules is not None:
             return list(self.rules)
         return list(PRESETS.get(self.dataset, {}).get("rules", []))
+
+
+def _confine(params: SynthesizeParams) -> None:
+    """A run started from a deployment (an API caller chose its parameters)
+    writes only under the host's data roots (:func:`flows.config.confinement`);
+    a ConfigError before anything is read or written."""
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    policy = confinement(deployed=run is not None and run.deployment_id is not None)
+    if policy is not None:
+        policy.check_writes(data_dir=params.data_dir, output=params.output)
 
 
 def _load(params: SynthesizeParams) -> SourceRows:
@@ -193,6 +205,7 @@ def synthesize(params: SynthesizeParams) -> dict[str, Any]:
     Returns the summary (also what the CLI prints as one JSON line); the report
     text is under ``report``.
     """
+    _confine(params)
     data_dir = Path(params.data_dir).resolve()
     src = load_task(params)
     rules = params.dataset_rules()

@@ -91,27 +91,36 @@ def explain(
     parts = np.asarray(model.estimator.feature_contributions(x), dtype=np.float64)
     recon = np.asarray(model.estimator.reconstruct(x), dtype=np.float64)
     names, folded = fold_contributions(model, parts)
-    observed: dict[str, list[str | None]] = {}
-    expected: dict[str, list[str | None]] = {}
     imputed = np.zeros((n, len(names)), dtype=bool)
+    # Values are kept as arrays and only the cells an explanation shows are
+    # turned into text: about ``top`` per row, not every column of every row.
+    raw_numbers: dict[str, np.ndarray] = {}
+    expected_numbers: dict[str, np.ndarray] = {}
     for i, name in enumerate(pre.numeric):
         raw = _as_float(_column(data, name))
-        missing = np.isnan(raw)
-        imputed[:, names.index(name)] = missing
-        back = recon[:, i] * pre.scales_[i] + pre.means_[i]
-        observed[name] = [
-            None if m else _text(v) for v, m in zip(raw, missing, strict=True)
-        ]
-        expected[name] = [_text(v) for v in back]
+        imputed[:, names.index(name)] = np.isnan(raw)
+        raw_numbers[name] = raw
+        expected_numbers[name] = recon[:, i] * pre.scales_[i] + pre.means_[i]
+    labels: dict[str, list[str | None]] = {}
+    expected_labels: dict[str, tuple[list[str], np.ndarray]] = {}
     feature_index = {f: j for j, f in enumerate(pre.feature_names_out_)}
     for name in pre.categorical:
         cats = [*pre.categories_[name], UNKNOWN]
         cols = [feature_index[f"{name}={c}"] for c in cats]
         values = _as_str(_column(data, name)).to_pylist()
         imputed[:, names.index(name)] = [v is None for v in values]
-        best = recon[:, cols].argmax(axis=1)
-        observed[name] = [None if v is None else str(v) for v in values]
-        expected[name] = [cats[int(b)] for b in best]
+        labels[name] = values
+        expected_labels[name] = (cats, recon[:, cols].argmax(axis=1))
+
+    def cell(col: str, r: int) -> tuple[str | None, str]:
+        """The ``observed`` and ``expected`` text of one cell."""
+        if col in raw_numbers:
+            v = raw_numbers[col][r]
+            return (None if np.isnan(v) else _text(v)), _text(expected_numbers[col][r])
+        label = labels[col][r]
+        cats, best = expected_labels[col]
+        return (None if label is None else str(label)), cats[int(best[r])]
+
     # Never blamed: an imputed cell, or a column that adds nothing.
     ranked = np.where(imputed | (folded <= 0), -np.inf, folded)
     order = np.argsort(-ranked, axis=1, kind="stable")[:, :top]
@@ -122,11 +131,12 @@ def explain(
             if not np.isfinite(ranked[r, j]):
                 break
             col = names[j]
+            observed, expected = cell(col, r)
             entries.append(
                 {
                     "column": col,
-                    "observed": observed[col][r],
-                    "expected": expected[col][r],
+                    "observed": observed,
+                    "expected": expected,
                     "contribution": float(folded[r, j]),
                 }
             )

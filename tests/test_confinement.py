@@ -253,12 +253,25 @@ def _on_demand_id(stack: ServeStack) -> str:
     return str(dep["id"])
 
 
-def _run(stack: ServeStack, config: dict[str, Any]) -> dict[str, Any]:
-    """Create an on-demand run through the API and wait for its final state."""
-    run = stack.post(
-        f"/deployments/{_on_demand_id(stack)}/create_flow_run",
-        {"parameters": {"config": config}},
+def _deployment_id(stack: ServeStack, name: str) -> str:
+    (dep,) = stack.post(
+        "/deployments/filter", {"deployments": {"name": {"any_": [name]}}}
     )
+    return str(dep["id"])
+
+
+def _run(
+    stack: ServeStack, config: dict[str, Any], deployment: str | None = None
+) -> dict[str, Any]:
+    """Create a run through the API (on-demand unless ``deployment`` names
+    another, whose parameters ``config`` then is) and wait for its final state."""
+    if deployment is None:
+        url = f"/deployments/{_on_demand_id(stack)}/create_flow_run"
+        parameters = {"config": config}
+    else:
+        url = f"/deployments/{_deployment_id(stack, deployment)}/create_flow_run"
+        parameters = config
+    run = stack.post(url, {"parameters": parameters})
     deadline = time.monotonic() + RUN_TIMEOUT
     while time.monotonic() < deadline:
         run = stack.get(f"/flow_runs/{run['id']}")
@@ -305,6 +318,28 @@ def test_symlink_in_drop_refused(stack, secret, tmp_path_factory):
     assert run["state"]["type"] == "FAILED", (run["state"], stack.logs())
     assert str(drop / "b.csv") in message and str(secret) in message, message
     assert not _parquet_since(tmp_path_factory.getbasetemp(), t0)
+
+
+@pytest.mark.slow
+def test_synthesis_output_outside_roots_refused(stack, tmp_path_factory):
+    """A served synthesize run may write its rows only under the data roots."""
+    from deployments.definitions import SYNTHESIZE
+
+    outside = tmp_path_factory.getbasetemp() / "synth-outside"
+    outside.mkdir()
+    target = outside / "rows.parquet"
+    params = {
+        "data_dir": str(stack.data_dir),
+        "dataset": "weatheraus",
+        "rows": 10,
+        "output": str(target),
+    }
+    run = _run(stack, {"params": params}, deployment=SYNTHESIZE)
+    message = run["state"].get("message") or ""
+    assert run["state"]["type"] == "FAILED", (run["state"], stack.logs())
+    assert f"output {target}" in message and "outside the data roots" in message
+    assert str(stack.data_dir) in message and "\n" not in message.strip()
+    assert not any(outside.iterdir())
 
 
 @pytest.mark.slow

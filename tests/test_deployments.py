@@ -254,8 +254,10 @@ def test_deployment_definitions(monkeypatch, tmp_path):
     monkeypatch.delenv("LATENTFLOW_WEATHERAUS_CSV", raising=False)
     monkeypatch.delenv("LATENTFLOW_WEATHERAUS_DROPS", raising=False)
     monkeypatch.delenv("LATENTFLOW_ON_DEMAND_INPUT", raising=False)
-    nightly, on_demand, backfill = d.build_deployments()
+    nightly, on_demand, backfill, synth = d.build_deployments()
     assert (nightly.name, on_demand.name) == (d.NIGHTLY, d.ON_DEMAND)
+    assert (synth.name, synth.flow_name) == (d.SYNTHESIZE, "latentflow-synthesize")
+    assert synth.parameters["params"]["data_dir"] == str(tmp_path / "data")
     assert nightly.entrypoint == on_demand.entrypoint == d.ENTRYPOINT
     assert nightly.flow_name == on_demand.flow_name == FLOW
     assert (backfill.name, backfill.flow_name) == (d.BACKFILL, "latentflow-backfill")
@@ -297,7 +299,7 @@ def test_deployment_definitions(monkeypatch, tmp_path):
     # make serve waits for exactly these names without importing definitions.
     from deployments.serve import DEPLOYMENT_NAMES
 
-    assert set(DEPLOYMENT_NAMES) == {d.NIGHTLY, d.ON_DEMAND, d.BACKFILL}
+    assert set(DEPLOYMENT_NAMES) == {d.NIGHTLY, d.ON_DEMAND, d.BACKFILL, d.SYNTHESIZE}
 
     pooled = d.build_deployments(
         work_pool_name="latentflow-gpu", job_variables={"image": "img:1"}
@@ -316,7 +318,7 @@ def test_form_groups_the_config_and_still_takes_flat_parameters(monkeypatch, tmp
     from deployments import definitions as d
 
     monkeypatch.setenv("LATENTFLOW_DATA_DIR", str(tmp_path / "data"))
-    nightly, on_demand, _backfill = d.build_deployments()
+    nightly, on_demand, *_ = d.build_deployments()
     schema = nightly._parameter_openapi_schema.model_dump()
     defs = schema["definitions"]
     config = defs["PipelineConfig"]

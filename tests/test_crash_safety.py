@@ -256,13 +256,13 @@ def lock_held(data: Path, dataset: str = "weatheraus"):
         holder.wait(timeout=30)
 
 
-def waits_at(run: Run, lock: Path, timeout: float = 300) -> bool:
-    """Whether ``run`` has opened ``lock`` (it polls it from then on) before
-    ``timeout``; False if it exited first."""
+def waits_at(proc: subprocess.Popen[str], lock: Path, timeout: float = 300) -> bool:
+    """Whether the run ``proc`` has opened ``lock`` (it polls it from then on)
+    before ``timeout``; False if it exited first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and run.proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(OSError):
-            fds = Path(f"/proc/{run.proc.pid}/fd").iterdir()
+            fds = Path(f"/proc/{proc.pid}/fd").iterdir()
             if any(os.path.realpath(fd) == str(lock) for fd in fds):
                 return True
         time.sleep(0.1)
@@ -290,7 +290,7 @@ def test_run_waits_out_a_held_lock_when_asked(first_run):
     lock = (data / ".locks" / "weatheraus.lock").resolve()
     with lock_held(data):
         run = start(csv, data, "--run-date", "2024-06-03", "--config", str(config))
-        assert waits_at(run, lock), "the run never reached the lock"
+        assert waits_at(run.proc, lock), "the run never reached the lock"
         assert run.proc.poll() is None
     rc, out, err = finish(run)
     assert rc == 0, err[-3000:]

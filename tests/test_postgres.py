@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_crash_safety import lock_held, waits_at
+
 BIN = Path(sys.executable).with_name("latentflow")
 DATE = "2024-05-01"
 
@@ -254,8 +256,7 @@ def test_same_dataset_twice_at_once_one_refused(tmp_path, csvs, pg_database):
     env = pg_env(tmp_path / "prefect-home", mlflow_db, prefect_db)
     data = tmp_path / "data"
     # Schemas made first, as after any earlier run: fresh databases would
-    # serialise the two runs' starts (one migrates, the other waits for it)
-    # and they might then not overlap at all.
+    # serialise the two runs' starts (one migrates, the other waits for it).
     subprocess.run(
         [
             sys.executable,
@@ -271,12 +272,23 @@ def test_same_dataset_twice_at_once_one_refused(tmp_path, csvs, pg_database):
         check=True,
         timeout=300,
     )
-    procs = [
-        start_run(csvs["alpha"], data, "alpha", env, "--retrain") for _ in range(2)
-    ]
-    results = sorted((finish(p) for p in procs), key=lambda r: r[0])
-    assert [r[0] for r in results] == [0, 2], [r[2][-3000:] for r in results]
-    (_, out, _), (_, loser_out, loser_err) = results
+    # The overlap is made, not hoped for: while another process holds the
+    # dataset's lock, one run waits for it (lock_wait_seconds) and one is
+    # refused; then the lock is released and the waiting run completes.
+    config = tmp_path / "wait.toml"
+    config.write_text("[execution]\nlock_wait_seconds = 600\n")
+    lock = (data / ".locks" / "alpha.lock").resolve()
+    with lock_held(data, "alpha"):
+        waiter = start_run(
+            csvs["alpha"], data, "alpha", env, "--retrain", "--config", str(config)
+        )
+        refused = start_run(csvs["alpha"], data, "alpha", env, "--retrain")
+        assert waits_at(waiter, lock), "the waiting run never reached the lock"
+        rc, loser_out, loser_err = finish(refused)
+        assert waiter.poll() is None
+    assert rc == 2, loser_err[-3000:]
+    rc, out, err = finish(waiter)
+    assert rc == 0, err[-3000:]
     assert loser_out == ""
     assert loser_err.strip().splitlines()[-1].startswith("latentflow: error: dataset")
     assert "already running" in loser_err and "Traceback" not in loser_err

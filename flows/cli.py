@@ -161,10 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--output", required=True, help="Parquet file to write")
     synth.add_argument("--generator", choices=["gan", "vae"], default="gan")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument(
-        "--gan-steps", type=int, default=2000, help="GAN training steps (default 2000)"
-    )
-    synth.add_argument("--vae-epochs", type=int, default=40, help="VAE training epochs")
+    # Unset: the generators' own defaults (models.synthesis.GeneratorSettings).
+    synth.add_argument("--gan-steps", type=int, help="GAN training steps")
+    synth.add_argument("--vae-epochs", type=int, help="VAE training epochs")
     return p
 
 

@@ -35,7 +35,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, confinement
+from flows.config import PipelineConfig, run_confinement
 from flows.runners import RunnerScope, runner_scope
 from flows.runtime_checks import check_runtime
 from tasks import progress, registry
@@ -632,10 +632,7 @@ def _allowed_sources(cfg: PipelineConfig) -> list[Path]:
     The policy comes from the executing host's environment, never from the
     run's parameters; a run started from a deployment is always confined.
     """
-    ctx = FlowRunContext.get()
-    run = ctx.flow_run if ctx is not None else None
-    deployed = run is not None and run.deployment_id is not None
-    policy = confinement(deployed=deployed)
+    policy = run_confinement()
     if policy is not None:
         return policy.check(cfg)
     return [Path(p) for p in list_sources(cfg.data.input)]

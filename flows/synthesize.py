@@ -21,10 +21,9 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.config import PRESETS, confinement
+from flows.config import PRESETS, run_confinement
 from models.atomic import atomic_path
 from models.synthesis import (
     GENERATOR_FORMAT,
@@ -92,9 +91,7 @@ def _confine(params: SynthesizeParams) -> None:
     """A run started from a deployment (an API caller chose its parameters)
     writes only under the host's data roots (:func:`flows.config.confinement`);
     a ConfigError before anything is read or written."""
-    ctx = FlowRunContext.get()
-    run = ctx.flow_run if ctx is not None else None
-    policy = confinement(deployed=run is not None and run.deployment_id is not None)
+    policy = run_confinement()
     if policy is not None:
         policy.check_writes(data_dir=params.data_dir, output=params.output)
 

@@ -23,7 +23,7 @@ def run_synthesize(args: argparse.Namespace) -> dict[str, Any]:
         ("--gan-steps", args.gan_steps, 1),
         ("--vae-epochs", args.vae_epochs, 1),
     ):
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"{flag} must be {low} or more, got {value}")
     check_request(Path(args.data_dir), args.dataset, args.rows, Path(args.output))
     from flows.cli import _install_log_filter, _stdout_to_stderr
@@ -37,8 +37,14 @@ def run_synthesize(args: argparse.Namespace) -> dict[str, Any]:
         output=str(Path(args.output).resolve()),
         generator=args.generator,
         seed=args.seed,
-        gan_steps=args.gan_steps,
-        vae_epochs=args.vae_epochs,
+        **{
+            name: value
+            for name, value in (
+                ("gan_steps", args.gan_steps),
+                ("vae_epochs", args.vae_epochs),
+            )
+            if value is not None
+        },
     )
     _install_log_filter()
     check_prefect_database()

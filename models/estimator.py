@@ -178,6 +178,13 @@ default="relu"
         Adam learning rate.
     weight_decay : float, default=0.0
         Adam (L2) weight decay.
+    lr_schedule : {"constant", "cosine"}, default="constant"
+        ``"cosine"`` decays the learning rate from ``lr`` to 0 along half a
+        cosine over the ``epochs * batches`` steps, so the last epochs take
+        small steps and settle in the minimum that a constant rate keeps
+        circling. Early stopping then counts only the epochs of the second
+        half: at the first half's high rates the validation loss is noisy and
+        still falls later.
     val_fraction : float in [0, 1), default=0.1
         Share of rows held out to monitor early stopping. If 0, or if it would
         leave fewer than ``MIN_VALIDATION_ROWS`` rows, all rows are used for
@@ -219,7 +226,8 @@ default="relu"
         ``latent_dim - pca_axes`` and decodes from all of them. The code then
         keeps what PCA's keeps for a linear model downstream, and the learned
         axes add what a linear projection misses. Only for the kinds with a
-        plain code (``"ae"``, ``"denoising"``, ``"contractive"``).
+        plain code (``"ae"``, ``"denoising"``, ``"contractive"``). At most
+        ``n_features`` axes are fixed; the rest of the code is learned.
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
@@ -289,6 +297,7 @@ default="relu"
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "lr_schedule": [StrOptions({"constant", "cosine"})],
         "val_fraction": [Interval(Real, 0, 1, closed="left")],
         "patience": [Interval(Integral, 1, None, closed="left"), None],
         "noise_std": [Interval(Real, 0, None, closed="left")],
@@ -315,6 +324,7 @@ default="relu"
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
         val_fraction: float = 0.1,
         patience: int | None = 10,
         noise_std: float = 0.2,
@@ -338,6 +348,7 @@ default="relu"
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
         self.val_fraction = val_fraction
         self.patience = patience
         self.noise_std = noise_std
@@ -388,6 +399,9 @@ default="relu"
         init_seed, train_seed = (int(s) for s in rng.randint(0, _SEED_HIGH, size=2))
         score_seed = int(rng.randint(0, _SEED_HIGH))
 
+        # X has no more principal directions than columns: the rest of the
+        # code is learned.
+        pca_axes = min(self.pca_axes, n_features)
         # Seed the initialisation without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
@@ -399,11 +413,11 @@ default="relu"
                 variational=OBJECTIVES[self.kind].variational,
                 code_activation=OBJECTIVES[self.kind].code_activation,
                 one_hot_groups=self._checked_groups(n_features),
-                pca_axes=self.pca_axes,
+                pca_axes=pca_axes,
             )
-        if self.pca_axes:
+        if pca_axes:
             train_rows = X if not n_val else X[order[n_val:]]
-            network.set_pca_axes(*principal_axes(train_rows, self.pca_axes))
+            network.set_pca_axes(*principal_axes(train_rows, pca_axes))
         network.to(device)
 
         X32 = np.ascontiguousarray(X, dtype=np.float32)
@@ -490,6 +504,15 @@ default="relu"
         except (RuntimeError, TypeError):
             return torch.optim.Adam(network.parameters(), **kwargs)
 
+    def _make_schedule(
+        self, optimizer: torch.optim.Optimizer, batches_per_epoch: int
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        if self.lr_schedule == "constant":
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.epochs * batches_per_epoch
+        )
+
     def _train(
         self,
         network: AutoencoderNetwork,
@@ -507,6 +530,11 @@ default="relu"
         best_state: dict[str, torch.Tensor] | None = None
         stale = 0
         batch_rows = self._batch_weights(n_train, device)
+        schedule = self._make_schedule(optimizer, batch_rows.shape[0])
+        # The first half of a cosine schedule runs at high rates, where the
+        # validation loss is noisy and still falls in the second half: epochs
+        # without improvement count towards ``patience`` only after it.
+        patience_from = self.epochs // 2 if schedule is not None else 0
         for epoch in range(self.epochs):
             network.train()
             # Data already sit on the device as one tensor: index it with a
@@ -523,6 +551,8 @@ default="relu"
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 losses.append(loss.detach())
                 if recon is not loss:
                     recons.append(recon.detach())
@@ -555,7 +585,7 @@ default="relu"
                 best_state = {
                     k: v.detach().clone() for k, v in network.state_dict().items()
                 }
-            else:
+            elif epoch >= patience_from:
                 stale += 1
                 if self.patience is not None and stale >= self.patience:
                     break

@@ -14,8 +14,6 @@ seed, so training again would give the same generator.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +21,8 @@ from typing import Any
 
 import models
 import tasks
-from models.integrity import (
-    IntegrityError,
-    check_manifest,
-    compare,
-    file_sha256,
-    manifest_digest,
-    tree_manifest,
-)
-from models.serving import (
-    MLFLOW_META,
-    TAG_BUNDLE,
-    TAG_DIGEST,
-    TAG_MANIFEST,
-    download_version,
-)
+from models.integrity import check_manifest
+from models.serving import TAG_BUNDLE
 from models.synthesis import TableGenerator
 from tasks.errors import TamperError
 from tasks.registry import (
@@ -46,6 +31,7 @@ from tasks.registry import (
     _safe,
     ensure_experiment,
     fetch_model,
+    record_logged_files,
     recorded_files,
 )
 
@@ -159,44 +145,11 @@ def register_generator(
             version = int(info.registered_model_version)
             for k, v in tags.items():
                 client.set_model_version_tag(name, str(version), k, v)
-            _record(client, name, version, gen_dir)
+            record_logged_files(client, name, version, gen_dir, PYFUNC_FILE)
             client.set_registered_model_alias(name, kind, str(version))
             return GeneratorVersion(name, version, run_id, reused=False)
 
     return _safe(f"register a new version of {name}", run, attempts=2)
-
-
-def _record(client: Any, name: str, version: int, gen_dir: Path) -> None:
-    """Record the SHA-256 of every stored file as version tags, after checking
-    that the generator and the pyfunc file are the bytes that were logged."""
-    import mlflow
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="lf-gen-record-") as tmp:
-            local = download_version(
-                name, version, Path(tmp), client, mlflow.get_tracking_uri()
-            )
-            stored = tree_manifest(local, skip=(MLFLOW_META,))
-            prefix = f"artifacts/{Path(gen_dir).name}"
-            part = {
-                k.removeprefix(prefix + "/"): v
-                for k, v in stored.items()
-                if k.startswith(prefix + "/")
-            }
-            compare(local / prefix, tree_manifest(gen_dir), part)
-            if stored.get(PYFUNC_FILE.name) != file_sha256(PYFUNC_FILE):
-                raise IntegrityError(f"{PYFUNC_FILE.name} is not the logged file")
-    except IntegrityError as exc:
-        raise TamperError(
-            f"{name} v{version}: the stored model is not what was logged: {exc}"
-        ) from None
-    text = json.dumps(stored, sort_keys=True, separators=(",", ":"))
-    for key, value in (
-        (TAG_MANIFEST, text),
-        (TAG_BUNDLE, check_manifest(gen_dir) or ""),
-        (TAG_DIGEST, manifest_digest(stored)),
-    ):
-        client.set_model_version_tag(name, str(version), key, value)
 
 
 def log_report(

@@ -740,6 +740,23 @@ def _record_manifest(client: Any, name: str, version: int, bundle_dir: Path) -> 
     environment, examples) are recorded as stored. From then on every loader
     compares against this record, which the artifact store cannot rewrite.
     """
+    record_logged_files(
+        client, name, version, bundle_dir, PYFUNC_FILE, code_dirs=(MODELS_PKG,)
+    )
+
+
+def record_logged_files(
+    client: Any,
+    name: str,
+    version: int,
+    bundle_dir: Path,
+    pyfunc_file: Path,
+    *,
+    code_dirs: tuple[Path, ...] = (),
+) -> None:
+    """Check that version ``version`` of ``name`` stores the bytes logged from
+    ``bundle_dir``, ``pyfunc_file`` and ``code_dirs``, then record the SHA-256
+    of every stored file as version tags (a :class:`TamperError` if not)."""
     import mlflow
 
     try:
@@ -751,9 +768,10 @@ def _record_manifest(client: Any, name: str, version: int, bundle_dir: Path) -> 
             sources = {
                 # MLflow stores an artifact directory under its own name.
                 f"artifacts/{Path(bundle_dir).name}": tree_manifest(bundle_dir),
-                f"code/{MODELS_PKG.name}": tree_manifest(
-                    MODELS_PKG, ignore_dirs=("__pycache__",)
-                ),
+                **{
+                    f"code/{d.name}": tree_manifest(d, ignore_dirs=("__pycache__",))
+                    for d in code_dirs
+                },
             }
             for prefix, logged in sources.items():
                 part = {
@@ -762,8 +780,8 @@ def _record_manifest(client: Any, name: str, version: int, bundle_dir: Path) -> 
                     if k.startswith(prefix + "/")
                 }
                 compare(local / prefix, logged, part)
-            if stored.get(PYFUNC_FILE.name) != file_sha256(PYFUNC_FILE):
-                raise IntegrityError(f"{PYFUNC_FILE.name} is not the logged file")
+            if stored.get(pyfunc_file.name) != file_sha256(pyfunc_file):
+                raise IntegrityError(f"{pyfunc_file.name} is not the logged file")
     except IntegrityError as exc:
         raise TamperError(
             f"{name} v{version}: the stored model is not what was logged: {exc}"

@@ -143,6 +143,41 @@ def test_epoch_callback_and_early_stopping() -> None:
     assert est.n_epochs_ - 1 - est.best_epoch_ == 3
 
 
+def test_cosine_schedule_settles_where_a_constant_rate_keeps_moving() -> None:
+    # At a high rate a constant schedule keeps circling the minimum; the cosine
+    # one takes ever smaller steps, so its last epochs barely change the loss.
+    X = _gaussian(1000, d=8)
+    moves = {}
+    for schedule in ("constant", "cosine"):
+        est = _small(epochs=30, patience=None, lr=0.05, lr_schedule=schedule).fit(X)
+        assert est.n_epochs_ == 30
+        moves[schedule] = np.abs(np.diff(est.history_["val_loss"][-4:])).max()
+    assert moves["cosine"] < 0.1 * moves["constant"]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _small(lr_schedule="linear").fit(X)
+
+
+def test_leading_code_axes_are_the_principal_components() -> None:
+    X = _gaussian(600, d=8)
+    est = _small(latent_dim=4, pca_axes=3, val_fraction=0.0).fit(X)
+    z = est.transform(X)
+    pcs = PCA(3).fit(X).transform(X)
+    for i in range(3):
+        # The same direction as PCA's, up to the sign PCA happens to choose.
+        assert abs(np.corrcoef(z[:, i], pcs[:, i])[0, 1]) > 0.9999
+    np.testing.assert_allclose(z[:, :3].mean(axis=0), 0, atol=1e-4)
+    # The learned axis is not a principal component.
+    assert abs(np.corrcoef(z[:, 3], PCA(4).fit_transform(X)[:, 3])[0, 1]) < 0.999
+
+
+def test_more_principal_axes_than_columns_learns_the_rest() -> None:
+    X = _gaussian(400, d=3)
+    est = _small(latent_dim=5, pca_axes=4).fit(X)
+    assert est.network_.pca_axes == 3
+    z = est.transform(X)
+    assert z.shape == (400, 5) and np.isfinite(z).all()
+
+
 def test_no_validation_split_monitors_training_loss() -> None:
     X = _gaussian(50)  # 10% would be 5 rows: too few to validate on
     est = _small(epochs=3, patience=None).fit(X)

@@ -86,6 +86,7 @@ ROW_SETTINGS = (
     "batch_size",
     "lr",
     "weight_decay",
+    "lr_schedule",
     "val_fraction",
     "patience",
     "contamination",
@@ -258,6 +259,7 @@ class SequenceFamily:
         batch_size: int = 1024,
         lr: float = 5e-3,
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
         val_fraction: float = 0.1,
         patience: int = 8,
         contamination: float = 0.01,
@@ -276,6 +278,7 @@ class SequenceFamily:
         self.batch_size = int(batch_size)
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        self.lr_schedule = str(lr_schedule)
         self.val_fraction = float(val_fraction)
         self.patience = int(patience)
         self.contamination = float(contamination)
@@ -417,6 +420,14 @@ class SequenceFamily:
         order = rng.permutation(len(index))
         n_val = int(len(index) * self.val_fraction) if len(index) >= 200 else 0
         val, tr = index[order[:n_val]], index[order[n_val:]]
+        # The row-wise model's schedule, so one setting means one thing.
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=self.epochs * max(math.ceil(len(tr) / self.batch_size), 1)
+            )
+            if self.lr_schedule == "cosine"
+            else None
+        )
         best, best_state, stale = math.inf, None, 0
         for epoch in range(self.epochs):
             net.train()
@@ -430,6 +441,8 @@ class SequenceFamily:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
                 total += float(loss.detach()) * len(w)
             train_loss = total / max(len(tr), 1)
             val_loss = self._loss(pool, val) if n_val else train_loss

@@ -254,6 +254,13 @@ def _quiet_logging(verbosity: int = NORMAL) -> None:
         import warnings
 
         warnings.simplefilter("ignore")
+    if verbosity == VERBOSE:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "NOTSET"
+    else:
+        # Prefect's run logs still reach its API (the UI's run page); the
+        # terminal gets the stage lines and, on a failure, one error line or
+        # a bug's traceback, not the same failure again in Prefect's words.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -144,7 +144,12 @@ def train_model(
     )
     n = table.num_rows
     if n < 20:
-        raise InputError(f"{ingested_dir}: {n} rows are too few to train (need 20)")
+        # The rows come from the training window's ingested partitions, not
+        # from one file the user can point at: name the dataset.
+        raise InputError(
+            f"dataset {dataset!r}: {n} rows to train on, too few to train a model"
+            " (need at least 20)"
+        )
     order = np.random.default_rng([seed, 2]).permutation(n)
     n_hold = max(1, round(n * holdout_fraction))
     hold_idx, train_idx = np.sort(order[:n_hold]), np.sort(order[n_hold:])

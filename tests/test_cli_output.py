@@ -144,6 +144,25 @@ def test_quiet_still_prints_errors(tmp_path):
     assert stderr.startswith("latentflow: error: ") and "missing.csv" in stderr
 
 
+def test_a_failure_inside_the_flow_is_one_line_without_prefects_logs(tmp_path):
+    # Too few rows is found by the training task, deep in the flow: Prefect
+    # logs the failed task and flows at ERROR, which the terminal must not
+    # repeat (the run page in the UI keeps them).
+    rows = "\n".join(f"{i},{i * 0.5}" for i in range(5))
+    (tmp_path / "tiny.csv").write_text(f"id,x\n{rows}\n")
+    code, stdout, stderr = _run(
+        ["run", "--input", str(tmp_path / "tiny.csv"), "--data-dir", "d"], tmp_path
+    )
+    assert code == 2 and stdout == "", stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "latentflow: error: dataset 'tiny': 5 rows to train on, too few to train"
+        " a model (need at least 20)"
+    ], stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "d" / "latent").exists()
+
+
 def test_version_answers():
     r = subprocess.run(
         [str(BIN), "--version"], capture_output=True, text=True, timeout=60

@@ -40,6 +40,7 @@ from models.density import DensityScore, marginal_columns
 from models.family import contamination_threshold, is_anomaly
 from models.networks import ACTIVATIONS, AutoencoderNetwork
 from models.objectives import OBJECTIVES
+from models.schedule import LR_SCHEDULES, make_schedule
 
 KINDS = tuple(OBJECTIVES)
 
@@ -297,7 +298,7 @@ default="relu"
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "lr_schedule": [StrOptions({"constant", "cosine"})],
+        "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
         "val_fraction": [Interval(Real, 0, 1, closed="left")],
         "patience": [Interval(Integral, 1, None, closed="left"), None],
         "noise_std": [Interval(Real, 0, None, closed="left")],
@@ -504,15 +505,6 @@ default="relu"
         except (RuntimeError, TypeError):
             return torch.optim.Adam(network.parameters(), **kwargs)
 
-    def _make_schedule(
-        self, optimizer: torch.optim.Optimizer, batches_per_epoch: int
-    ) -> torch.optim.lr_scheduler.LRScheduler | None:
-        if self.lr_schedule == "constant":
-            return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=self.epochs * batches_per_epoch
-        )
-
     def _train(
         self,
         network: AutoencoderNetwork,
@@ -530,7 +522,9 @@ default="relu"
         best_state: dict[str, torch.Tensor] | None = None
         stale = 0
         batch_rows = self._batch_weights(n_train, device)
-        schedule = self._make_schedule(optimizer, batch_rows.shape[0])
+        schedule = make_schedule(
+            optimizer, self.lr_schedule, self.epochs * batch_rows.shape[0]
+        )
         # The first half of a cosine schedule runs at high rates, where the
         # validation loss is noisy and still falls in the second half: epochs
         # without improvement count towards ``patience`` only after it.

@@ -52,6 +52,7 @@ from models.atomic import atomic_write_bytes
 from models.density import marginal_columns
 from models.families import get_family, register_family
 from models.family import META_FILE, EpochCallback, contamination_threshold
+from models.schedule import make_schedule
 from models.sequence_windows import (
     ContextColumnError,
     RowContext,
@@ -421,12 +422,8 @@ class SequenceFamily:
         n_val = int(len(index) * self.val_fraction) if len(index) >= 200 else 0
         val, tr = index[order[:n_val]], index[order[n_val:]]
         # The row-wise model's schedule, so one setting means one thing.
-        schedule = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=self.epochs * max(math.ceil(len(tr) / self.batch_size), 1)
-            )
-            if self.lr_schedule == "cosine"
-            else None
+        schedule = make_schedule(
+            opt, self.lr_schedule, self.epochs * math.ceil(len(tr) / self.batch_size)
         )
         best, best_state, stale = math.inf, None, 0
         for epoch in range(self.epochs):

@@ -7,6 +7,7 @@ run that retrains, then a quiet reuse), so the module costs three short runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -17,6 +18,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from tests.warm_process import warm_process
 
 BIN = Path(sys.executable).with_name("latentflow")
 ARGS = ["--dataset", "weatheraus", "--run-date", "2024-05-01"]
@@ -68,16 +71,26 @@ def _run(args: list[str], cwd: Path, tty: bool = False) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout.decode(), b"".join(chunks).decode()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+@pytest.fixture(scope="module", params=["own process", "warm process"])
+def runs(request, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+    """The three runs, each in its own process or each handed to a
+    ``latentflow warm`` process (flows/warm.py): what they show must not differ.
+    """
     from tasks.synthetic import write_weatheraus_like_csv
 
     cwd = tmp_path_factory.mktemp("cli-output")
     csv = write_weatheraus_like_csv(cwd / "weatherAUS.csv", 600, seed=3)
     base = ["run", "--input", str(csv), "--data-dir", str(cwd / "lf"), *ARGS]
-    out = {"verbose": _run([*base, *SMALL, "--verbose"], cwd)}
-    out["terminal"] = _run([*base, *SMALL, "--retrain"], cwd, tty=True)
-    out["quiet"] = _run(["--quiet", *base, *SMALL], cwd)
+    with contextlib.ExitStack() as stack:
+        warm = None
+        if request.param == "warm process":
+            env = _env(cwd / "prefect-home")
+            warm = stack.enter_context(warm_process(env, cwd))
+        out = {"verbose": _run([*base, *SMALL, "--verbose"], cwd)}
+        out["terminal"] = _run([*base, *SMALL, "--retrain"], cwd, tty=True)
+        out["quiet"] = _run(["--quiet", *base, *SMALL], cwd)
+        if warm is not None:
+            assert warm.served() == 3, warm.text()
     out["home"] = (0, str(cwd / "prefect-home"), "")
     return out
 

@@ -1,0 +1,420 @@
+"""``latentflow warm``: a process that keeps the libraries loaded, so runs start fast.
+
+Most of a reusing run's seconds go to importing torch, scikit-learn, Prefect and
+MLflow and to starting Prefect's temporary server (docs/pipeline.md, "Start-up").
+``latentflow warm`` pays for them once, then waits on a local socket. A later
+``latentflow run`` or ``backfill`` that finds it hands over its arguments, working
+directory, environment, umask and standard streams; the warm process forks a
+child that runs the command exactly as a fresh process would, with the
+libraries already imported and the server already up. The command's process
+waits for the child's exit status and exits with it; Ctrl-C and SIGTERM are
+passed on, and a child whose command process goes away is stopped.
+
+A command is handed over only where a fresh process would do the same thing:
+
+- the same user: the socket checks its peer's uid;
+- the same code and libraries: the address is derived from a fingerprint of the
+  package's source files and of site-packages, so a ``git pull`` or an upgrade
+  leaves the old warm process unreachable (it then exits by itself);
+- the same interpreter and the same environment, bar a few shell bookkeeping
+  variables: any other difference, and the command runs in its own process.
+
+The address is an abstract Unix socket (Linux): nothing is written to disk.
+``LATENTFLOW_WARM=off`` makes a command skip the lookup.
+
+Forking is safe here because the warm process stays single-threaded and never
+runs torch or CUDA code before it forks: each child starts its own thread pools.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+#: Commands a warm process runs; the others gain nothing from it.
+WARM_COMMANDS = ("run", "backfill")
+#: Shell bookkeeping that differs between two shells but changes no run.
+_VOLATILE = frozenset({"_", "PWD", "OLDPWD", "SHLVL", "COLUMNS", "LINES"})
+_PACKAGES = ("flows", "tasks", "models", "deployments")
+_HEADER = struct.Struct("!I")
+_MAX_REQUEST = 8 << 20
+#: Client -> child: the signal number to raise. Child -> client: the exit status.
+_STATUS = struct.Struct("!i")
+#: How often the warm process checks that the code on disk is still its own.
+_CODE_CHECK_S = 5.0
+
+
+def code_fingerprint(roots: Iterable[Path], markers: Iterable[Path] = ()) -> str:
+    """A digest of every ``.py`` file's path, size and mtime under ``roots``,
+    and of each of ``markers``' own mtime (a directory's changes when an entry
+    is added or removed, as installing a distribution does to site-packages).
+
+    Stats only (milliseconds): any edit, added or removed file changes it.
+    """
+    digest = hashlib.sha256()
+    for marker in markers:
+        digest.update(f"{marker}\0{_mtime(marker)}\n".encode())
+    for root in roots:
+        digest.update(f"{root}\0{_mtime(root)}\n".encode())
+        for path in sorted(root.rglob("*.py")):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def current_fingerprint() -> str:
+    """:func:`code_fingerprint` of this installation: its packages, site-packages."""
+    here = Path(__file__).resolve().parent.parent
+    roots = [here / name for name in _PACKAGES]
+    installed = [Path(p) for p in sys.path if p.endswith("-packages")]
+    return code_fingerprint(roots, installed)
+
+
+def address(env: Mapping[str, str], fingerprint: str | None = None) -> str:
+    """The abstract socket name for this user, code, interpreter and environment."""
+    digest = hashlib.sha256()
+    digest.update(f"{os.getuid()}\0{sys.executable}\0{sys.version}\0".encode())
+    digest.update((fingerprint or current_fingerprint()).encode())
+    for key in sorted(set(env) - _VOLATILE):
+        digest.update(f"{key}={env[key]}\0".encode())
+    return "\0latentflow-warm-" + digest.hexdigest()[:32]
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand of a ``latentflow`` command line (its first bare word)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+# ---------------------------------------------------------------- the command side
+
+
+def hand_over(argv: list[str]) -> int | None:
+    """Run ``latentflow argv`` in a warm process; its exit status, or None.
+
+    None: no warm process serves this code and environment (or it went away
+    before starting the command), so the caller runs the command itself.
+    """
+    if os.environ.get("LATENTFLOW_WARM", "").lower() in ("0", "off", "false", "no"):
+        return None
+    if command_of(argv) not in WARM_COMMANDS:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(address(os.environ))
+    except OSError:
+        sock.close()
+        return None
+    with sock:
+        umask = os.umask(0)
+        os.umask(umask)
+        request = json.dumps(
+            {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
+        ).encode()
+        try:
+            socket.send_fds(sock, [_HEADER.pack(len(request)) + request], [0, 1, 2])
+            started = _recv_exact(sock, 1)
+        except OSError:
+            return None
+        if started != b"+":
+            return None  # refused or gone before the fork: run it here
+        return _await_status(sock)
+
+
+def _await_status(sock: socket.socket) -> int:
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):  # the warm process is gone
+            sock.sendall(_STATUS.pack(signum))
+
+    previous = {
+        sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        reply = _recv_exact(sock, _STATUS.size)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if len(reply) < _STATUS.size:
+        print(
+            "latentflow: error: the warm process running this command was stopped"
+            " (see `latentflow warm`'s output)",
+            file=sys.stderr,
+        )
+        return 2
+    return int(_STATUS.unpack(reply)[0])
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+# -------------------------------------------------------------- the warm process
+
+
+def _import_what_a_run_imports() -> None:
+    """Import what a run imports; importing the flows builds their definitions.
+
+    The list holds what a reusing run on weatherAUS imports that the flows'
+    own imports do not (measured with an import hook; each was >= 10 ms).
+    """
+    for module in (
+        "torch",
+        "mlflow",
+        "mlflow.pyfunc",
+        "mlflow.tracking",
+        "mlflow.store.tracking.sqlalchemy_store",
+        "mlflow.store.model_registry.sqlalchemy_store",
+        "mlflow.tracing.processor.base_mlflow",
+        "sqlalchemy.engine",
+        "prefect.flow_engine",
+        "prefect.task_engine",
+        "flows.backfill",
+        "flows.nightly",
+        "flows.runtime_checks",
+        "tasks.registry",
+        "tasks.score",
+        "tasks.train",
+    ):
+        importlib.import_module(module)
+
+
+def serve(environment: Mapping[str, str], *, idle_exit_s: float = 0.0) -> int:
+    """``latentflow warm``: load the libraries, then serve commands until stopped.
+
+    ``environment`` is the process's environment as it started, before the CLI
+    set its logging defaults: commands are matched against it.
+    """
+    from flows.prefect_server import TemporaryServer, wants_temporary_server
+    from tasks.errors import EnvironmentFault
+
+    t0 = time.monotonic()
+    fingerprint = current_fingerprint()
+    name = address(environment, fingerprint)
+    env_api_url = environment.get("PREFECT_API_URL")
+    server = None
+    if wants_temporary_server(environment) and not _sets_prefect_database():
+        from flows.runtime_checks import check_prefect_sqlite, default_prefect_database
+
+        check_prefect_sqlite(default_prefect_database())
+        server = TemporaryServer().start()
+    _import_what_a_run_imports()
+    from flows.prefect_server import configured_api_url
+
+    if server is not None and configured_api_url():
+        server.stop()  # a profile names a running server: the CLI's rule
+        server = None
+    api_url = server.wait(120.0) if server is not None else env_api_url
+    if threading.active_count() != 1:
+        names = ", ".join(t.name for t in threading.enumerate())
+        raise EnvironmentFault(f"cannot fork safely: threads running ({names})")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(name)
+    except OSError:
+        listener.close()
+        _say("one is already running for this code and environment")
+        return 0
+    listener.listen(16)
+    # Children are reaped by the kernel: the warm process never waits for them.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    stop = _StopFlag()
+    signal.signal(signal.SIGTERM, stop.set)
+    _say(f"ready in {time.monotonic() - t0:.1f} s (pid {os.getpid()})")
+    served = 0
+    last_used = next_check = time.monotonic()
+    try:
+        while not stop.is_set:
+            if server is not None and server.process is None:
+                _say("Prefect's temporary server is gone; stopping")
+                return 2
+            if server is not None and server.process.poll() is not None:
+                _say("Prefect's temporary server exited; stopping")
+                return 2
+            if time.monotonic() >= next_check:
+                # Stat-only, but every few seconds, not every second: idle,
+                # the warm process should cost next to nothing.
+                next_check = time.monotonic() + _CODE_CHECK_S
+                if current_fingerprint() != fingerprint:
+                    _say("the code or its libraries changed; stopping")
+                    return 0
+            if idle_exit_s and time.monotonic() - last_used > idle_exit_s:
+                _say(f"idle for {idle_exit_s:g} s; stopping")
+                return 0
+            ready, _, _ = select.select([listener], [], [], 1.0)
+            if not ready:
+                continue
+            conn, _ = listener.accept()
+            served += 1
+            last_used = time.monotonic()
+            _accept(conn, served, api_url)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        if server is not None:
+            server.stop()
+    _say("stopped")
+    return 0
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def set(self, *_: Any) -> None:
+        self.is_set = True
+
+
+def _sets_prefect_database() -> bool:
+    return any(
+        os.environ.get(name)
+        for name in (
+            "PREFECT_API_DATABASE_CONNECTION_URL",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+        )
+    )
+
+
+def _say(text: str) -> None:
+    print(f"latentflow warm: {text}", file=sys.stderr, flush=True)
+
+
+def _accept(conn: socket.socket, number: int, api_url: str | None) -> None:
+    """Read one request and fork its child; the warm process keeps no state."""
+    fds: list[int] = []
+    try:
+        conn.settimeout(5.0)
+        creds = conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            _say(f"refused a command from uid {uid}")
+            return
+        head, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
+        if len(head) < _HEADER.size or len(fds) != 3:
+            return
+        (size,) = _HEADER.unpack(head)
+        if size > _MAX_REQUEST:
+            return
+        request = json.loads(_recv_exact(conn, size))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its status
+            _child(conn, fds, request, api_url)
+        _say(f"command {number}: latentflow {' '.join(request['argv'])} (pid {pid})")
+    except (OSError, ValueError, KeyError) as exc:
+        _say(f"a command could not be read: {exc}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+def _child(
+    conn: socket.socket, fds: list[int], request: dict[str, Any], api_url: str | None
+) -> None:
+    """Become the command's process, run it, send its status, exit."""
+    code = 1
+    try:
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # The warm process's exit hooks (its server's stop) are not ours.
+        atexit._clear()
+        os.chdir(request["cwd"])
+        os.umask(int(request["umask"]))
+        os.environ.clear()
+        os.environ.update(request["env"])
+        if api_url and not os.environ.get("PREFECT_API_URL"):
+            os.environ["PREFECT_API_URL"] = api_url
+        argv = [str(a) for a in request["argv"]]
+        sys.argv = ["latentflow", *argv]
+        conn.settimeout(None)
+        conn.sendall(b"+")
+        threading.Thread(target=_watch_command, args=(conn,), daemon=True).start()
+        code = _run_command(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # a bug: its traceback, as a fresh process would print
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            from flows.cli import flush_output
+
+            flush_output()
+            conn.sendall(_STATUS.pack(code))
+        finally:
+            os._exit(code)
+
+
+def _run_command(argv: list[str]) -> int:
+    from flows import cli
+
+    # Logging was configured in the warm process, for its own verbosity and
+    # environment; configure it again for this command's, as a fresh one would.
+    verbosity = cli.verbosity_of(argv)
+    cli._quiet_logging(verbosity)
+    _reconfigure_logging()
+    return cli.main(argv)
+
+
+def _reconfigure_logging() -> None:
+    from mlflow.utils import logging_utils
+    from prefect.context import refresh_global_settings_context
+    from prefect.logging.configuration import setup_logging
+
+    refresh_global_settings_context()
+    setup_logging(incremental=False)
+    logging_utils._configure_mlflow_loggers(root_module_name="mlflow")
+
+
+def _watch_command(conn: socket.socket) -> None:
+    """Raise in this process the signals sent to the command's process.
+
+    The connection closing means that process is gone: stop, as it would have.
+    """
+    while True:
+        data = _recv_exact(conn, _STATUS.size)
+        if len(data) < _STATUS.size:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        os.kill(os.getpid(), int(_STATUS.unpack(data)[0]))

@@ -213,13 +213,32 @@ def serve(environment: Mapping[str, str], *, idle_exit_s: float = 0.0) -> int:
     ``environment`` is the process's environment as it started, before the CLI
     set its logging defaults: commands are matched against it.
     """
+    t0 = time.monotonic()
+    fingerprint = current_fingerprint()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bound now, listening only once ready: a command that comes earlier
+        # is refused at once and runs in its own process.
+        listener.bind(address(environment, fingerprint))
+    except OSError:
+        listener.close()
+        _say("one is already running for this code and environment")
+        return 0
+    with listener:
+        return _serve(listener, environment, fingerprint, idle_exit_s, t0)
+
+
+def _serve(
+    listener: socket.socket,
+    environment: Mapping[str, str],
+    fingerprint: str,
+    idle_exit_s: float,
+    t0: float,
+) -> int:
+    from flows.cli import _startup_timeout
     from flows.prefect_server import TemporaryServer, wants_temporary_server
     from tasks.errors import EnvironmentFault
 
-    t0 = time.monotonic()
-    fingerprint = current_fingerprint()
-    name = address(environment, fingerprint)
-    env_api_url = environment.get("PREFECT_API_URL")
     server = None
     if wants_temporary_server(environment) and not _sets_prefect_database():
         from flows.runtime_checks import check_prefect_sqlite, default_prefect_database
@@ -232,17 +251,14 @@ def serve(environment: Mapping[str, str], *, idle_exit_s: float = 0.0) -> int:
     if server is not None and configured_api_url():
         server.stop()  # a profile names a running server: the CLI's rule
         server = None
-    api_url = server.wait(120.0) if server is not None else env_api_url
+    api_url = (
+        server.wait(_startup_timeout())
+        if server is not None
+        else environment.get("PREFECT_API_URL")
+    )
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         raise EnvironmentFault(f"cannot fork safely: threads running ({names})")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(name)
-    except OSError:
-        listener.close()
-        _say("one is already running for this code and environment")
-        return 0
     listener.listen(16)
     # Children are reaped by the kernel: the warm process never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -279,7 +295,6 @@ def serve(environment: Mapping[str, str], *, idle_exit_s: float = 0.0) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        listener.close()
         if server is not None:
             server.stop()
     _say("stopped")

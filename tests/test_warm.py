@@ -186,3 +186,13 @@ def test_the_address_depends_on_the_environment_not_shell_bookkeeping():
 def test_the_command_is_the_first_bare_word():
     assert command_of(["-q", "run", "--input", "x"]) == "run"
     assert command_of(["--version"]) is None
+
+
+def test_a_second_warm_process_for_the_same_environment_steps_aside(setting):
+    cwd, _csv, env, warm = setting
+    r = subprocess.run(
+        [str(BIN), "warm"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "one is already running" in r.stderr
+    assert warm.proc.poll() is None

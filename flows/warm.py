@@ -54,6 +54,8 @@ _HEADER = struct.Struct("!I")
 _MAX_REQUEST = 8 << 20
 #: Client -> child: the signal number to raise. Child -> client: the exit status.
 _STATUS = struct.Struct("!i")
+#: How long a command waits for a warm process to start it.
+_ACK_TIMEOUT_S = 30.0
 #: How often the warm process checks that the code on disk is still its own.
 _CODE_CHECK_S = 5.0
 
@@ -135,9 +137,14 @@ def hand_over(argv: list[str]) -> int | None:
             {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
         ).encode()
         try:
+            # A wedged warm process must not hang the command: past this, the
+            # command runs here, and a child forked later finds no one to
+            # report to and exits before it starts.
+            sock.settimeout(_ACK_TIMEOUT_S)
             socket.send_fds(sock, [_HEADER.pack(len(request)) + request], [0, 1, 2])
             started = _recv_exact(sock, 1)
-        except OSError:
+            sock.settimeout(None)
+        except OSError:  # TimeoutError included
             return None
         if started != b"+":
             return None  # refused or gone before the fork: run it here
@@ -380,7 +387,10 @@ def _child(
         argv = [str(a) for a in request["argv"]]
         sys.argv = ["latentflow", *argv]
         conn.settimeout(None)
-        conn.sendall(b"+")
+        try:
+            conn.sendall(b"+")
+        except OSError:
+            os._exit(1)  # the command gave up waiting and runs on its own
         threading.Thread(target=_watch_command, args=(conn,), daemon=True).start()
         code = _run_command(argv)
     except SystemExit as exc:

@@ -242,24 +242,16 @@ def _serve(
     idle_exit_s: float,
     t0: float,
 ) -> int:
-    from flows.cli import _startup_timeout
-    from flows.prefect_server import TemporaryServer, wants_temporary_server
+    from flows import cli
     from tasks.errors import EnvironmentFault
 
-    server = None
-    if wants_temporary_server(environment) and not _sets_prefect_database():
-        from flows.runtime_checks import check_prefect_sqlite, default_prefect_database
-
-        check_prefect_sqlite(default_prefect_database())
-        server = TemporaryServer().start()
+    # Prefect's server by the CLI's own rules (none when an API URL is set; a
+    # PostgreSQL database migrated first), started early as a run starts it.
+    server = cli._start_server()
     _import_what_a_run_imports()
-    from flows.prefect_server import configured_api_url
-
-    if server is not None and configured_api_url():
-        server.stop()  # a profile names a running server: the CLI's rule
-        server = None
+    server = cli._prepare_prefect(server, early=True)
     api_url = (
-        server.wait(_startup_timeout())
+        server.wait(cli._startup_timeout())
         if server is not None
         else environment.get("PREFECT_API_URL")
     )
@@ -314,16 +306,6 @@ class _StopFlag:
 
     def set(self, *_: Any) -> None:
         self.is_set = True
-
-
-def _sets_prefect_database() -> bool:
-    return any(
-        os.environ.get(name)
-        for name in (
-            "PREFECT_API_DATABASE_CONNECTION_URL",
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-        )
-    )
 
 
 def _say(text: str) -> None:

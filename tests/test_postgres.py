@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_crash_safety import lock_held, waits_at
+from tests.warm_process import warm_process
 
 BIN = Path(sys.executable).with_name("latentflow")
 DATE = "2024-05-01"
@@ -244,6 +245,31 @@ def test_two_datasets_at_once_on_fresh_postgres_then_reuse(tmp_path, csvs, pg_da
     # Artifacts still go under the data dir.
     assert_under(data, model_version_locations(mlflow_db))
     assert (data / "mlartifacts" / "alpha").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_warm_process_on_postgres_serves_two_datasets_at_once(
+    tmp_path, csvs, pg_database
+):
+    """``latentflow warm`` migrates the PostgreSQL database and starts Prefect's
+    server on it once; the runs it serves record there, as runs of their own do.
+    """
+    prefect_db, mlflow_db = pg_database(), pg_database()
+    home = tmp_path / "prefect-home"
+    env = pg_env(home, mlflow_db, prefect_db)
+    data = tmp_path / "data"
+    with warm_process(env, tmp_path) as warm:
+        procs = {n: start_run(csv, data, n, env) for n, csv in csvs.items()}
+        results = {n: finish(p) for n, p in procs.items()}
+        assert warm.served() == 2, warm.text()
+    for name, (rc, out, err) in results.items():
+        assert rc == 0, (name, err[-3000:])
+        assert "Traceback" not in err, (name, err[-3000:])
+        assert summary_of(out)["decision"] == "promote"
+    runs = flow_runs(prefect_db)
+    assert sum(state.endswith("COMPLETED") for _, state in runs) >= 2, runs
+    assert not list(home.rglob("*.db")), list(home.rglob("*.db"))
 
 
 @pytest.mark.slow

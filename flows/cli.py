@@ -560,7 +560,11 @@ def entry() -> int:
     from flows.warm import hand_over
 
     argv = sys.argv[1:]
-    status = hand_over(argv)
+    try:
+        status = hand_over(argv)
+    except KeyboardInterrupt:  # before a warm process started the command
+        print("latentflow: interrupted", file=sys.stderr)
+        return 130
     if status is not None:
         return status
     exit_now = _ExitNow()

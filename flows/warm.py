@@ -43,7 +43,10 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flows.prefect_server import TemporaryServer
 
 #: Commands a warm process runs; the others gain nothing from it.
 WARM_COMMANDS = ("run", "backfill")
@@ -259,45 +262,85 @@ def _serve(
         names = ", ".join(t.name for t in threading.enumerate())
         raise EnvironmentFault(f"cannot fork safely: threads running ({names})")
     listener.listen(16)
-    # Children are reaped by the kernel: the warm process never waits for them.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, stop.set)
     _say(f"ready in {time.monotonic() - t0:.1f} s (pid {os.getpid()})")
-    served = 0
-    last_used = next_check = time.monotonic()
+    children: set[int] = set()
     try:
-        while not stop.is_set:
-            if server is not None and server.process is None:
-                _say("Prefect's temporary server is gone; stopping")
-                return 2
-            if server is not None and server.process.poll() is not None:
-                _say("Prefect's temporary server exited; stopping")
-                return 2
-            if time.monotonic() >= next_check:
-                # Stat-only, but every few seconds, not every second: idle,
-                # the warm process should cost next to nothing.
-                next_check = time.monotonic() + _CODE_CHECK_S
-                if current_fingerprint() != fingerprint:
-                    _say("the code or its libraries changed; stopping")
-                    return 0
-            if idle_exit_s and time.monotonic() - last_used > idle_exit_s:
-                _say(f"idle for {idle_exit_s:g} s; stopping")
-                return 0
-            ready, _, _ = select.select([listener], [], [], 1.0)
-            if not ready:
-                continue
-            conn, _ = listener.accept()
-            served += 1
-            last_used = time.monotonic()
-            _accept(conn, served, api_url)
-    except KeyboardInterrupt:
-        pass
+        status = _serve_commands(
+            listener, server, api_url, fingerprint, idle_exit_s, stop, children
+        )
+        # New commands now run on their own; the running ones finish first,
+        # on the server they started with (a second signal stops them with it).
+        listener.close()
+        _reap(children)
+        if children and status is not None:
+            _say(f"waiting for {len(children)} running command(s) to finish")
+            stop.is_set = False
+            while children and not stop.is_set:
+                time.sleep(0.2)
+                _reap(children)
     finally:
         if server is not None:
             server.stop()
     _say("stopped")
+    return status if status is not None else 2
+
+
+def _serve_commands(
+    listener: socket.socket,
+    server: TemporaryServer | None,
+    api_url: str | None,
+    fingerprint: str,
+    idle_exit_s: float,
+    stop: _StopFlag,
+    children: set[int],
+) -> int | None:
+    """Accept commands until told to stop; the exit status, None if the server
+    died (the running commands cannot finish then)."""
+    served = 0
+    last_used = next_check = time.monotonic()
+    while not stop.is_set:
+        _reap(children)
+        if server is not None and (
+            server.process is None or server.process.poll() is not None
+        ):
+            _say("Prefect's temporary server exited; stopping")
+            return None
+        if time.monotonic() >= next_check:
+            # Stat-only, but every few seconds, not every second: idle, the
+            # warm process should cost next to nothing.
+            next_check = time.monotonic() + _CODE_CHECK_S
+            if current_fingerprint() != fingerprint:
+                _say("the code or its libraries changed; stopping")
+                return 0
+        if children:
+            last_used = time.monotonic()
+        elif idle_exit_s and time.monotonic() - last_used > idle_exit_s:
+            _say(f"idle for {idle_exit_s:g} s; stopping")
+            return 0
+        ready, _, _ = select.select([listener], [], [], 1.0)
+        if not ready:
+            continue
+        conn, _ = listener.accept()
+        served += 1
+        last_used = time.monotonic()
+        pid = _accept(conn, served, api_url)
+        if pid is not None:
+            children.add(pid)
     return 0
+
+
+def _reap(children: set[int]) -> None:
+    """Collect the exit of every finished child."""
+    for pid in list(children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            children.discard(pid)
 
 
 class _StopFlag:
@@ -312,8 +355,8 @@ def _say(text: str) -> None:
     print(f"latentflow warm: {text}", file=sys.stderr, flush=True)
 
 
-def _accept(conn: socket.socket, number: int, api_url: str | None) -> None:
-    """Read one request and fork its child; the warm process keeps no state."""
+def _accept(conn: socket.socket, number: int, api_url: str | None) -> int | None:
+    """Read one request and fork its child; the child's pid, None if refused."""
     fds: list[int] = []
     try:
         conn.settimeout(5.0)
@@ -323,13 +366,13 @@ def _accept(conn: socket.socket, number: int, api_url: str | None) -> None:
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid():
             _say(f"refused a command from uid {uid}")
-            return
+            return None
         head, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
         if len(head) < _HEADER.size or len(fds) != 3:
-            return
+            return None
         (size,) = _HEADER.unpack(head)
         if size > _MAX_REQUEST:
-            return
+            return None
         request = json.loads(_recv_exact(conn, size))
         sys.stdout.flush()
         sys.stderr.flush()
@@ -337,8 +380,10 @@ def _accept(conn: socket.socket, number: int, api_url: str | None) -> None:
         if pid == 0:  # pragma: no cover - the child reports through its status
             _child(conn, fds, request, api_url)
         _say(f"command {number}: latentflow {' '.join(request['argv'])} (pid {pid})")
+        return pid
     except (OSError, ValueError, KeyError) as exc:
         _say(f"a command could not be read: {exc}")
+        return None
     finally:
         for fd in fds:
             os.close(fd)
@@ -355,7 +400,6 @@ def _child(
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # The warm process's exit hooks (its server's stop) are not ours.

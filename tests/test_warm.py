@@ -5,6 +5,7 @@ its own process. A real warm process, real runs through the console script.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -196,3 +197,30 @@ def test_a_second_warm_process_for_the_same_environment_steps_aside(setting):
     assert r.returncode == 0, r.stderr
     assert "one is already running" in r.stderr
     assert warm.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_stopping_the_warm_process_lets_a_running_command_finish(tmp_path, setting):
+    _cwd, csv, _env_unused, _warm = setting
+    env = _env(tmp_path / "prefect-home")
+    with warm_process(env, tmp_path) as warm:
+        args = ["run", "--input", str(csv), "--data-dir", str(tmp_path / "lf")]
+        proc = subprocess.Popen(
+            [str(BIN), *args, *ARGS, "--epochs", "60"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while warm.served() == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, warm.text()
+            time.sleep(0.05)
+        warm.proc.terminate()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.splitlines()[-1])["trained"] is True
+        assert warm.proc.wait(timeout=60) == 0, warm.text()
+    assert "waiting for 1 running command(s) to finish" in warm.text()
+    assert "latentflow warm: stopped" in warm.text()

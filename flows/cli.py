@@ -276,6 +276,12 @@ def _quiet_logging(verbosity: int = NORMAL) -> None:
         # terminal gets the stage lines and, on a failure, one error line or
         # a bug's traceback, not the same failure again in Prefect's words.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        # Prefect's own machinery (its event and log workers) logs to stderr
+        # past the console handler, and a log handler that fails prints its
+        # error: a Prefect server gone mid-run would bury the one error line
+        # under one such message per queued event.
+        os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
+        logging.raiseExceptions = False
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

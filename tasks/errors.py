@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,12 +160,36 @@ def describe_fault(
                 return EnvironmentFault(
                     f"{path} exists and is not a directory; expected a directory there"
                 )
+        api = _api_fault(e)
+        if api is not None:
+            return api
     code = sqlite_code(exc)
     if code in _SQLITE_TEXT:
         return EnvironmentFault(
             f"{database or 'a SQLite database'} {_SQLITE_TEXT[code]}"
         )
     return None
+
+
+def _api_fault(e: BaseException) -> EnvironmentFault | None:
+    """Prefect's client speaks httpx, and nothing else here does: a transport
+    error (refused, reset, timed out) is its API server not answering.
+
+    Looked up in ``sys.modules``: if httpx was never imported, ``e`` is not one
+    of its errors, and the check costs no import.
+    """
+    httpx = sys.modules.get("httpx")
+    if httpx is None or not isinstance(e, httpx.TransportError):
+        return None
+    try:
+        url = e.request.url
+        server = f"the Prefect API at {url.scheme}://{url.netloc.decode()}"
+    except (AttributeError, RuntimeError):  # an error raised without a request
+        server = "the Prefect API"
+    return EnvironmentFault(
+        f"{server} did not answer ({type(e).__name__}): check that its server"
+        " is running, or unset PREFECT_API_URL to run on a temporary one"
+    )
 
 
 class UnsafePathError(ConfigError):

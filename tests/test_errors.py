@@ -81,3 +81,60 @@ def test_errno_without_a_file_name_names_the_data_dir(code: str) -> None:
     exc = OSError(getattr(errno, code), "pyarrow: write failed")
     msg = str(describe_fault(exc, where="/data/lf"))
     assert f"({code}): under /data/lf" in msg
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_api_server_that_does_not_answer_is_a_fault_naming_it() -> None:
+    import httpx
+
+    port = _closed_port()
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)
+    except httpx.ConnectError as exc:
+        try:  # as Prefect's client re-raises it
+            raise RuntimeError("Failed to reach API") from exc
+        except RuntimeError as outer:
+            fault = describe_fault(outer)
+    assert isinstance(fault, EnvironmentFault)
+    assert f"the Prefect API at http://127.0.0.1:{port} did not answer" in str(fault)
+    assert "ConnectError" in str(fault)
+
+
+def test_a_dead_prefect_api_is_one_line_and_status_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tasks.synthetic import write_weatheraus_like_csv
+
+    csv = write_weatheraus_like_csv(tmp_path / "w.csv", 200, seed=1)
+    port = _closed_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_API", "MLFLOW_", "PREFECT_LOGGING", "LATENTFLOW"))
+    }
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    bin_ = Path(sys.executable).with_name("latentflow")
+    r = subprocess.run(
+        [str(bin_), "run", "--input", str(csv), "--data-dir", str(tmp_path / "d")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        f"latentflow: error: the Prefect API at http://127.0.0.1:{port} did not"
+        " answer (ConnectError): check that its server is running, or unset"
+        " PREFECT_API_URL to run on a temporary one"
+    ], r.stderr
+    assert not (tmp_path / "d" / "latent").exists()

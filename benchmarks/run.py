@@ -515,11 +515,11 @@ def bench_dask(
 # imports, the flow pointed at it once it answers.
 _TRIVIAL_FLOW = """
 import flows.cli
-flows.cli._quiet_logging()
+flows.cli.quiet_logging()
 from flows.prefect_server import TemporaryServer
 server = TemporaryServer().start()
 import flows.nightly
-flows.cli._use_api(server.wait(120))
+flows.cli.use_api(server.wait(120))
 from prefect import flow
 @flow
 def startup_probe() -> int:

@@ -258,7 +258,7 @@ def _engine_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _quiet_logging(verbosity: int = NORMAL) -> None:
+def quiet_logging(verbosity: int = NORMAL) -> None:
     # stdout carries exactly one JSON line; library chatter goes to stderr or away.
     if verbosity != NORMAL:
         # Asked for on the command line: wins over the environment.
@@ -356,12 +356,12 @@ def run_pipeline(
     from flows.runtime_checks import check_local
 
     check_local(cfg)
-    server = _start_server() if early_server else None
+    server = start_early_server() if early_server else None
     progress.current().status("starting Prefect and loading libraries …")
     # The flow imports torch and MLflow (seconds): only once the run is valid.
     from flows.runtime_checks import check_runtime
 
-    server = _prepare_prefect(server, early_server)
+    server = prepare_prefect(server, early_server)
     from flows.nightly import nightly
 
     _install_log_filter()
@@ -369,12 +369,15 @@ def run_pipeline(
     if verbosity != VERBOSE:
         _silence_mlflow_prints()
     if server is not None:
-        _use_api(server.wait(_startup_timeout()))
+        use_api(server.wait(startup_timeout()))
     with _stdout_to_stderr():
         return nightly(config=cfg)
 
 
-def _start_server() -> TemporaryServer | None:
+def start_early_server() -> TemporaryServer | None:
+    """Prefect's temporary server on the SQLite database, launched now (it
+    boots while the caller imports); None when the environment names a
+    running server or a database URL, which :func:`prepare_prefect` handles."""
     from flows.prefect_server import TemporaryServer, wants_temporary_server
     from flows.runtime_checks import check_prefect_sqlite, default_prefect_database
 
@@ -397,7 +400,7 @@ def _env_sets_prefect_database() -> bool:
     )
 
 
-def _prepare_prefect(
+def prepare_prefect(
     server: TemporaryServer | None, early: bool
 ) -> TemporaryServer | None:
     """Check Prefect's database; keep the early server only if it is wanted.
@@ -428,14 +431,15 @@ def _prepare_prefect(
     return server
 
 
-def _startup_timeout() -> float:
+def startup_timeout() -> float:
+    """Seconds to wait for the temporary server: Prefect's own setting."""
     try:
         return float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
     except (KeyError, ValueError):
         return 120.0
 
 
-def _use_api(url: str) -> None:
+def use_api(url: str) -> None:
     """Point this process (and processes it starts) at ``url``."""
     from prefect.context import refresh_global_settings_context
 
@@ -581,7 +585,7 @@ def entry() -> int:
     try:
         exit_now.status = main(argv)
     except SystemExit as exc:
-        exit_now.status = _status_of(exc.code)
+        exit_now.status = exit_status_of(exc.code)
         raise
     except KeyboardInterrupt:
         exit_now.status = 130
@@ -612,7 +616,7 @@ def flush_output() -> None:
             stream.flush()
 
 
-def _status_of(code: object) -> int:
+def exit_status_of(code: object) -> int:
     """The exit status Python gives ``SystemExit(code)``."""
     if code is None:
         return 0
@@ -623,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     environment = dict(os.environ)  # as it was, before the defaults below
     args = _parser().parse_args(argv)
     verbosity = args.verbosity
-    _quiet_logging(verbosity)
+    quiet_logging(verbosity)
     _engine_defaults()
     progress.configure(verbosity != QUIET)
     try:

@@ -250,11 +250,11 @@ def _serve(
 
     # Prefect's server by the CLI's own rules (none when an API URL is set; a
     # PostgreSQL database migrated first), started early as a run starts it.
-    server = cli._start_server()
+    server = cli.start_early_server()
     _import_what_a_run_imports()
-    server = cli._prepare_prefect(server, early=True)
+    server = cli.prepare_prefect(server, early=True)
     api_url = (
-        server.wait(cli._startup_timeout())
+        server.wait(cli.startup_timeout())
         if server is not None
         else environment.get("PREFECT_API_URL")
     )
@@ -420,7 +420,9 @@ def _child(
         threading.Thread(target=_watch_command, args=(conn,), daemon=True).start()
         code = _run_command(argv)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        from flows.cli import exit_status_of
+
+        code = exit_status_of(exc.code)
     except BaseException:  # a bug: its traceback, as a fresh process would print
         import traceback
 
@@ -443,7 +445,7 @@ def _run_command(argv: list[str]) -> int:
     # Logging was configured in the warm process, for its own verbosity and
     # environment; configure it again for this command's, as a fresh one would.
     verbosity = cli.verbosity_of(argv)
-    cli._quiet_logging(verbosity)
+    cli.quiet_logging(verbosity)
     _reconfigure_logging()
     return cli.main(argv)
 

@@ -463,11 +463,14 @@ def _reconfigure_logging() -> None:
 def _watch_command(conn: socket.socket) -> None:
     """Raise in this process the signals sent to the command's process.
 
-    The connection closing means that process is gone: stop, as it would have.
+    The connection closing means that process was killed outright: end this
+    one the same way. (SIGTERM would not do: during a run Prefect turns it
+    into an exception, which the run may not see at once.) A killed run is
+    one the pipeline recovers from (docs/failures.md).
     """
     while True:
         data = _recv_exact(conn, _STATUS.size)
         if len(data) < _STATUS.size:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)
             return
         os.kill(os.getpid(), int(_STATUS.unpack(data)[0]))

@@ -18,13 +18,17 @@ to ``benchmarks/results/gpu.json``; docs/benchmarks.md has the protocol.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import itertools
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,60 +82,133 @@ def train_rate(x_npy: str, epochs: int, device: str) -> dict[str, Any]:
 
 
 def score_rate(
-    ingested_dir: str, bundle_dir: str, data_dir: str, device: str
+    ingested_dir: str,
+    bundle_dir: str,
+    data_dir: str,
+    device: str,
+    workers: int | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Rows per second of ``score_partition`` on ``device``."""
-    from flows.config import PipelineConfig
-    from tasks.score import score_partition
+    """Rows per second of ``score_partition`` on ``device`` (the pipeline's
+    batch size; ``workers`` None: the pipeline's default for the device).
 
-    batch_rows = PipelineConfig(input="bench.csv").score_batch_rows
+    With ``profile``, the run is also profiled (cProfile, this thread only)
+    and the 40 costliest calls are written there.
+    """
+    from flows.config import PipelineConfig
+    from tasks.score import Provenance, score_partition, score_workers
+
+    batch_rows = PipelineConfig(input="bench.csv").execution.score_batch_rows
+    workers = score_workers(device) if workers is None else workers
+    profiler = cProfile.Profile() if profile is not None else None
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     res = score_partition(
         Path(ingested_dir),
         Path(bundle_dir),
         Path(data_dir),
         DATASET,
         RUN_DATE,
-        model_name=f"{DATASET}-autoencoder",
-        model_version=1,
-        mlflow_run_id="bench",
-        config_hash="bench",
+        Provenance(f"{DATASET}-autoencoder", 1, "bench", "bench"),
         batch_rows=batch_rows,
         device=device,
+        workers=workers,
     )
     seconds = time.perf_counter() - t0
+    if profiler is not None and profile is not None:
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        profile.write_text(text.getvalue())
     return {
         "device": device,
+        "workers": workers,
+        "batch_rows": batch_rows,
         "rows": res.rows_scored,
         "seconds": seconds,
         "rows_per_s": res.rows_scored / seconds,
     }
 
 
-def e2e_seconds(csv: Path, device: str, scratch: Path) -> dict[str, Any]:
-    """Wall time of ``latentflow run --retrain --device DEVICE`` on ``csv``."""
-    exe = Path(sys.executable).with_name("latentflow")
-    env = {**os.environ, "PREFECT_HOME": str(scratch / f"prefect-{device}")}
+def e2e(csv: Path, accel: str, scratch: Path) -> dict[str, Any]:
+    """The weatherAUS run on ``accel``, then on the CPU (each trains)."""
+    return {
+        "accelerated": e2e_seconds(csv, accel, scratch / "e2e-accelerated"),
+        "cpu": e2e_seconds(csv, "cpu", scratch / "e2e-cpu"),
+    }
+
+
+def e2e_seconds(csv: Path, device: str, where: Path) -> dict[str, Any]:
+    """Wall time of ``latentflow run --retrain --device DEVICE`` on ``csv``,
+    in a fresh process (``python -m flows.cli``: the console script's code)."""
+    (where / "prefect").mkdir(parents=True)
+    env = {**os.environ, "PREFECT_HOME": str(where / "prefect")}
+    path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env.update(LATENTFLOW_WARM="off", PYTHONPATH=os.pathsep.join(path))
     env.pop("MLFLOW_TRACKING_URI", None)
-    argv = [str(exe), "run", "--input", str(csv), "--retrain", "--device", device]
-    argv += ["--data-dir", str(scratch / f"e2e-{device}")]
+    argv = [sys.executable, "-m", "flows.cli", "run", "--input", str(csv)]
+    argv += ["--retrain", "--device", device, "--quiet"]
+    argv += ["--data-dir", str(where / "data")]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        argv, env=env, cwd=REPO, capture_output=True, text=True, check=False
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"latentflow run on {device} failed: {proc.stderr[-2000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"device": device, "seconds": seconds, "rows": summary["rows_scored"]}
+    return {
+        "device": device,
+        "seconds": seconds,
+        "rows": summary["rows_scored"],
+        "trained": summary["trained"],
+    }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+class Results:
+    """The results so far, rewritten to ``out`` after every section, so that a
+    run cut short (a lease's time limit) still leaves what it measured."""
+
+    def __init__(self, out: Path, **facts: Any) -> None:
+        self.out = out
+        self.data: dict[str, Any] = dict(facts)
+        self.save()
+
+    def add(self, section: str, value: Any) -> None:
+        self.data[section] = value
+        self.save()
+        for line in report({section: value}):
+            print(line, flush=True)
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+def _section(results: Results, name: str, measure: Callable[[], Any]) -> None:
+    """Run one section; a failure is recorded and the next section still runs."""
+    try:
+        results.add(name, measure())
+    except Exception as exc:
+        _log(f"{name} failed: {type(exc).__name__}: {exc}")
+        results.add(f"{name}_error", f"{type(exc).__name__}: {exc}")
+
+
+def run(args: argparse.Namespace, accel: str) -> dict[str, Any]:
+    """Every measurement, ``accel`` (``cuda``, or ``cpu`` for a dry run)
+    against the CPU with ``--cpu-threads`` threads."""
     import torch
 
-    results: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name(0),
-        "cpu_threads": args.cpu_threads,
-        "host_cpus": os.cpu_count(),
-    }
+    all_threads = torch.get_num_threads()
+    results = Results(
+        args.out,
+        accelerator=accel,
+        gpu=torch.cuda.get_device_name(0) if accel == "cuda" else None,
+        torch=torch.__version__,
+        cpu_threads=args.cpu_threads,
+        host_cpus=os.cpu_count(),
+    )
     with tempfile.TemporaryDirectory(prefix="lf-gpu-bench-") as tmp:
         scratch = Path(tmp)
         csv = scratch / "bench.csv"
@@ -140,68 +217,106 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ingested = step_ingest(str(csv), str(scratch / "data"))["ingested_dir"]
         csv.unlink()
 
-        x_npy = str(scratch / "x.npy")
-        step_prepare_training(ingested, x_npy, args.train_rows)
-        torch.set_num_threads(args.cpu_threads)
-        _log(f"training on the CPU ({args.cpu_threads} threads)")
-        cpu = train_rate(x_npy, args.epochs, "cpu")
-        torch.set_num_threads(os.cpu_count() or 1)
-        _log("training on CUDA")
-        train_rate(x_npy, 2, "cuda")  # warm-up: CUDA context, kernels
-        cuda = train_rate(x_npy, args.epochs, "cuda")
-        speedup = cuda["rows_epochs_per_s"] / cpu["rows_epochs_per_s"]
-        results["training"] = {
-            "cpu": cpu,
-            "cuda": cuda,
-            "speedup": speedup,
-            "target": TRAIN_SPEEDUP_TARGET,
-            "met": speedup >= TRAIN_SPEEDUP_TARGET,
-        }
-
-        bundle = str(scratch / "bundle")
-        step_bundle(ingested, bundle, 2, min(args.train_rows, 50_000))
-        _log("scoring: floor, CUDA, CPU")
-        floor = step_score_floor(ingested, bundle, str(scratch / "floor.parquet"))
-        on_cuda = score_rate(ingested, bundle, str(scratch / "score-cuda"), "cuda")
-        torch.set_num_threads(args.cpu_threads)
-        on_cpu = score_rate(ingested, bundle, str(scratch / "score-cpu"), "cpu")
-        torch.set_num_threads(os.cpu_count() or 1)
-        results["scoring"] = {
-            "rows": args.score_rows,
-            "floor_seconds": floor["seconds"],
-            "cuda": on_cuda,
-            "cpu": on_cpu,
-            "cuda_vs_floor": on_cuda["seconds"] / floor["seconds"],
-            "met": on_cuda["seconds"] <= floor["seconds"],
-        }
-
-        if args.weather.is_file():
-            _log(f"end to end on {args.weather}")
-            results["e2e"] = {
-                d: e2e_seconds(args.weather, d, scratch) for d in ("cuda", "cpu")
+        def training() -> dict[str, Any]:
+            x_npy = str(scratch / "x.npy")
+            step_prepare_training(ingested, x_npy, args.train_rows)
+            torch.set_num_threads(args.cpu_threads)
+            _log(f"training on the CPU ({args.cpu_threads} threads)")
+            cpu = train_rate(x_npy, args.epochs, "cpu")
+            torch.set_num_threads(all_threads)
+            _log(f"training on {accel}")
+            train_rate(x_npy, 2, accel)  # warm-up: CUDA context, kernels
+            fast = train_rate(x_npy, args.epochs, accel)
+            speedup = fast["rows_epochs_per_s"] / cpu["rows_epochs_per_s"]
+            return {
+                "cpu": cpu,
+                "accelerated": fast,
+                "speedup": speedup,
+                "target": TRAIN_SPEEDUP_TARGET,
+                "met": speedup >= TRAIN_SPEEDUP_TARGET,
             }
-    return results
+
+        if "training" in args.sections:
+            _section(results, "training", training)
+
+        def scoring() -> dict[str, Any]:
+            bundle = str(scratch / "bundle")
+            step_bundle(ingested, bundle, 2, min(args.train_rows, 50_000))
+            _log("scoring: floor, then the pipeline")
+            floor = step_score_floor(ingested, bundle, str(scratch / "floor.parquet"))
+            # Once untimed, single-threaded (profiled with --profile): CUDA's
+            # context and kernels, the model's first load.
+            score_rate(
+                ingested,
+                bundle,
+                str(scratch / "score-warm"),
+                accel,
+                1,
+                profile=args.profile,
+            )
+            default = score_rate(ingested, bundle, str(scratch / "score-a"), accel)
+            # The pipeline's thread count against others: how it scales.
+            others = sorted({1, 8, 16} & set(range(1, 2 * (os.cpu_count() or 1))))
+            threads = [
+                score_rate(ingested, bundle, str(scratch / f"score-{w}"), accel, w)
+                for w in others
+                if w != default["workers"]
+            ]
+            torch.set_num_threads(args.cpu_threads)
+            on_cpu = score_rate(ingested, bundle, str(scratch / "score-cpu"), "cpu")
+            torch.set_num_threads(all_threads)
+            return {
+                "rows": args.score_rows,
+                "floor_seconds": floor["seconds"],
+                "accelerated": default,
+                "accelerated_threads": threads,
+                "cpu": on_cpu,
+                "vs_floor": default["seconds"] / floor["seconds"],
+                "met": default["seconds"] <= floor["seconds"],
+            }
+
+        if "scoring" in args.sections:
+            _section(results, "scoring", scoring)
+
+        if "e2e" in args.sections and args.weather.is_file():
+            _log(f"end to end on {args.weather}")
+            _section(results, "e2e", lambda: e2e(args.weather, accel, scratch))
+    return results.data
 
 
 def report(results: dict[str, Any]) -> list[str]:
-    t, s = results["training"], results["scoring"]
-    lines = [
-        f"GPU {results['gpu']}; CPU rates with {results['cpu_threads']} threads",
-        f"training rows x epochs/s: CUDA {t['cuda']['rows_epochs_per_s']:,.0f},"
-        f" CPU {t['cpu']['rows_epochs_per_s']:,.0f}: {t['speedup']:.1f}x"
-        f" (target >= {t['target']:.0f}x: {'met' if t['met'] else 'NOT met'})",
-        f"scoring {s['rows']:,} rows: CUDA {s['cuda']['rows_per_s']:,.0f} rows/s"
-        f" ({s['cuda']['seconds']:.1f} s), CPU {s['cpu']['rows_per_s']:,.0f} rows/s"
-        f" ({s['cpu']['seconds']:.1f} s), Parquet floor {s['floor_seconds']:.1f} s:"
-        f" CUDA {s['cuda_vs_floor']:.2f}x floor"
-        f" (target <= 1x: {'met' if s['met'] else 'NOT met'})",
-    ]
+    """One line per measured section in ``results``."""
+    lines = []
+    if "training" in results:
+        t = results["training"]
+        lines.append(
+            "training rows x epochs/s:"
+            f" accelerated {t['accelerated']['rows_epochs_per_s']:,.0f},"
+            f" CPU {t['cpu']['rows_epochs_per_s']:,.0f}: {t['speedup']:.1f}x"
+            f" (target >= {t['target']:.0f}x: {'met' if t['met'] else 'NOT met'})"
+        )
+    if "scoring" in results:
+        s = results["scoring"]
+        a, c = s["accelerated"], s["cpu"]
+        others = ", ".join(
+            f"{t['seconds']:.1f} s with {t['workers']}"
+            for t in s["accelerated_threads"]
+        )
+        lines.append(
+            f"scoring {s['rows']:,} rows: accelerated {a['rows_per_s']:,.0f} rows/s"
+            f" ({a['seconds']:.1f} s, {a['workers']} threads; {others}),"
+            f" CPU {c['rows_per_s']:,.0f} rows/s"
+            f" ({c['seconds']:.1f} s), Parquet floor {s['floor_seconds']:.1f} s:"
+            f" {s['vs_floor']:.2f}x floor"
+            f" (target <= 1x: {'met' if s['met'] else 'NOT met'})"
+        )
     if "e2e" in results:
         e = results["e2e"]
         lines.append(
-            f"weatherAUS end to end (--retrain): CUDA {e['cuda']['seconds']:.1f} s,"
-            f" CPU {e['cpu']['seconds']:.1f} s"
+            "weatherAUS end to end (--retrain): "
+            + ", ".join(f"{d} {v['seconds']:.1f} s" for d, v in e.items())
         )
+    lines += [f"{k}: {v}" for k, v in results.items() if k.endswith("_error")]
     return lines
 
 
@@ -213,6 +328,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-threads", type=int, default=2)
     p.add_argument("--weather", type=Path, default=WEATHER_CSV)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile the untimed first scoring run (one thread) into this file",
+    )
+    p.add_argument(
+        "--sections",
+        type=lambda text: set(text.split(",")),
+        default={"training", "scoring", "e2e"},
+        help="which to measure, comma-separated: training,scoring,e2e (all)",
+    )
+    p.add_argument(
+        "--dry-run-on-cpu",
+        action="store_true",
+        help="measure the CPU in CUDA's place: checks this script without a GPU",
+    )
     return p
 
 
@@ -220,12 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.dry_run_on_cpu:
+        accel = "cpu"
+    elif torch.cuda.is_available():
+        accel = "cuda"
+    else:
         print(SKIPPED, flush=True)
         return 0
-    results = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results = run(args, accel)
+    print("--- summary", flush=True)
     for line in report(results):
         print(line, flush=True)
     return 0

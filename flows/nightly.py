@@ -38,6 +38,7 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, run_confinement
 from flows.runners import RunnerScope, runner_scope
 from flows.runtime_checks import check_runtime
+from models.estimator import resolved_device
 from tasks import progress, registry
 from tasks.alerts import (
     drift_alert,
@@ -336,6 +337,7 @@ def decide(
             Path(champion.model_dir),
             psi_threshold=policy.drift_psi_threshold,
             seed=cfg.model.random_state,
+            device=resolved_device(cfg.execution.device),
         )
         get_run_logger().info("drift: %s", drift.to_dict())
     decision = decide_task.with_options(task_run_name=f"decide-{run.tag}")(
@@ -399,16 +401,23 @@ def score(
     )
     batch_rows = cfg.execution.score_batch_rows
     cut = cfg.model.anomaly_score_threshold
+    # On the device training uses: CUDA when present, unless the run says cpu.
+    device = resolved_device(cfg.execution.device)
     started = time.perf_counter()
     progress.current().status(f"score with v{model.version} …")
     if scope.parallel:
         scored = score_partitioned.with_options(task_runner=scope.task_runner())(
-            *where, tag=run.tag, batch_rows=batch_rows, publish=False, anomaly_cut=cut
+            *where,
+            tag=run.tag,
+            batch_rows=batch_rows,
+            publish=False,
+            anomaly_cut=cut,
+            device=device,
         )
         scored = unlinked(scored)
     else:
         scored = score_task.with_options(task_run_name=f"score-{run.tag}")(
-            *where, batch_rows=batch_rows, publish=False, anomaly_cut=cut
+            *where, batch_rows=batch_rows, publish=False, anomaly_cut=cut, device=device
         )
     progress.done(
         "score",
@@ -666,6 +675,7 @@ def score_partitioned(
     unit_rows: int = DEFAULT_UNIT_ROWS,
     publish: bool = True,
     anomaly_cut: float | None = None,
+    device: str = "cpu",
 ) -> ScoreResult:
     """Score the partition's row-group units in parallel; commit them as one.
 
@@ -682,13 +692,19 @@ def score_partitioned(
         provenance,
         unit_rows=unit_rows,
         anomaly_cut=anomaly_cut,
+        device=device,
     )
     get_run_logger().info("scoring %d rows in %d units", plan.rows, len(plan.units))
     staged = open_staged(data_dir, "latent", dataset, run_date)
     try:
         futures = [
             score_unit_task.submit(
-                unit, plan.layout, bundle, staged.path, batch_rows=batch_rows
+                unit,
+                plan.layout,
+                bundle,
+                staged.path,
+                batch_rows=batch_rows,
+                device=device,
             )
             for unit in plan.units
         ]

@@ -57,6 +57,8 @@ META_FILE = "estimator.json"
 # overhead, small enough that a layer's activations (8192 x 128 floats, 4 MiB)
 # stay in cache; 65,536 rows ran at half the speed on a 2-core machine.
 INFERENCE_BATCH = 8192
+#: On a GPU, larger inference blocks: fewer kernel launches per scored batch.
+INFERENCE_BATCH_GPU = 65_536
 
 # A validation split smaller than this gives a loss too noisy to stop on, so
 # training then monitors the training loss instead.
@@ -85,6 +87,12 @@ def _resolve_device(device: str) -> torch.device:
             "(torch.cuda.is_available() is False); use device='cpu' or 'auto'"
         )
     return resolved
+
+
+def resolved_device(device: str) -> str:
+    """The torch device name ``device`` stands for here (``auto``: CUDA when
+    present), so that every stage of a run uses the one its model trained on."""
+    return str(_resolve_device(device))
 
 
 def _rows_tensor(rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -505,6 +513,47 @@ default="relu"
         except (RuntimeError, TypeError):
             return torch.optim.Adam(network.parameters(), **kwargs)
 
+    def _step_function(
+        self, network: AutoencoderNetwork, generator: torch.Generator, steps: int
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """One optimiser step on a batch, returning its (loss, MSE) detached.
+
+        On CUDA, for an objective without random draws, steps are replayed
+        from CUDA graphs (:mod:`models.graphed_training`): launching a small
+        network's kernels one by one from Python, not running them, is what a
+        GPU step costs. Elsewhere, the plain eager loop.
+        """
+
+        def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._batch_loss(network, batch, generator)
+
+        device = next(network.parameters()).device
+        if device.type == "cuda" and OBJECTIVES[self.kind].graph_safe:
+            from models.graphed_training import GraphedSteps
+
+            return GraphedSteps(
+                loss_of,
+                list(network.parameters()),
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                schedule=self.lr_schedule,
+                total_steps=steps,
+            ).step
+        optimizer = self._make_optimizer(network)
+        schedule = make_schedule(optimizer, self.lr_schedule, steps)
+
+        def eager(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, recon = loss_of(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            done = loss.detach()
+            return done, (done if recon is loss else recon.detach())
+
+        return eager
+
     def _train(
         self,
         network: AutoencoderNetwork,
@@ -513,7 +562,6 @@ default="relu"
         generator: torch.Generator,
     ) -> tuple[dict[str, list[float]], int]:
         """Run the epochs; leave the best weights in ``network``."""
-        optimizer = self._make_optimizer(network)
         n_train = x_train.shape[0]
         device = x_train.device
         history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
@@ -522,13 +570,12 @@ default="relu"
         best_state: dict[str, torch.Tensor] | None = None
         stale = 0
         batch_rows = self._batch_weights(n_train, device)
-        schedule = make_schedule(
-            optimizer, self.lr_schedule, self.epochs * batch_rows.shape[0]
-        )
+        total_steps = self.epochs * batch_rows.shape[0]
+        step = self._step_function(network, generator, total_steps)
         # The first half of a cosine schedule runs at high rates, where the
         # validation loss is noisy and still falls in the second half: epochs
         # without improvement count towards ``patience`` only after it.
-        patience_from = self.epochs // 2 if schedule is not None else 0
+        patience_from = self.epochs // 2 if self.lr_schedule != "constant" else 0
         for epoch in range(self.epochs):
             network.train()
             # Data already sit on the device as one tensor: index it with a
@@ -540,16 +587,10 @@ default="relu"
             losses: list[torch.Tensor] = []
             recons: list[torch.Tensor] = []
             for start in range(0, n_train, self.batch_size):
-                batch = x_train[order[start : start + self.batch_size]]
-                loss, recon = self._batch_loss(network, batch, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                losses.append(loss.detach())
+                loss, recon = step(x_train[order[start : start + self.batch_size]])
+                losses.append(loss)
                 if recon is not loss:
-                    recons.append(recon.detach())
+                    recons.append(recon)
             loss_sum = torch.stack(losses) @ batch_rows
             recon_sum = torch.stack(recons) @ batch_rows if recons else loss_sum
             train_loss = float(loss_sum) / n_train
@@ -632,9 +673,10 @@ default="relu"
         network = self.network_
         device = torch.device(self.device_)
         n = X32.shape[0]
+        step = INFERENCE_BATCH if device.type == "cpu" else INFERENCE_BATCH_GPU
         with torch.inference_mode():
-            for start in range(0, n, INFERENCE_BATCH):
-                rows = slice(start, min(start + INFERENCE_BATCH, n))
+            for start in range(0, n, step):
+                rows = slice(start, min(start + step, n))
                 batch = _rows_tensor(X32[rows], device)
                 code = network.infer_encode(batch)
                 sq = (

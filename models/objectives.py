@@ -36,6 +36,9 @@ class Objective:
 
     variational: bool = False
     code_activation: str | None = None
+    #: Whether a CUDA graph may replay a step (models.graphed_training): not
+    #: for objectives that draw random numbers or differentiate twice.
+    graph_safe: bool = True
 
     def __call__(
         self,
@@ -51,6 +54,8 @@ class Objective:
 
 class DenoisingObjective(Objective):
     """Reconstruct the clean row from one corrupted with Gaussian noise."""
+
+    graph_safe = False
 
     def __call__(
         self,
@@ -87,6 +92,8 @@ class SparseObjective(Objective):
 class ContractiveObjective(Objective):
     """MSE plus the squared Frobenius norm of the encoder Jacobian."""
 
+    graph_safe = False
+
     def __call__(
         self,
         weights: ObjectiveWeights,
@@ -103,6 +110,7 @@ class VariationalObjective(Objective):
     """Negative ELBO over ``n_features``: MSE of a reparameterised sample + KL."""
 
     variational = True
+    graph_safe = False
 
     def __call__(
         self,

@@ -449,3 +449,78 @@ def test_ingest_by_file_checks_span_files(tmp_path: Path):
     (src / "f1.csv").write_text(text)
     with pytest.raises(InputError, match="header differs from"):
         _ingest_by_file(src, tmp_path / "hdr-bad")
+
+
+# ------------------------------------------------------- scoring on threads
+
+
+def test_scoring_threads_change_nothing(work: Path, ingested: Path, bundle: Path):
+    """Batches scored on three threads give the one-thread output bit for bit:
+    the same rows in the same order, row groups and summary."""
+    from tasks.score import score_partition
+
+    runs = {
+        w: score_partition(
+            ingested,
+            bundle,
+            work / f"threads-{w}",
+            "weatheraus",
+            RUN,
+            META,
+            batch_rows=128,
+            workers=w,
+        )
+        for w in (1, 3)
+    }
+    one, three = (pq.read_table(runs[w].output_dir) for w in (1, 3))
+    assert one.num_rows == 3000 and one.equals(three)
+    groups = [
+        [
+            pq.read_metadata(f).row_group(g).num_rows
+            for f in sorted(Path(runs[w].output_dir).glob("*.parquet"))
+            for g in range(pq.read_metadata(f).num_row_groups)
+        ]
+        for w in (1, 3)
+    ]
+    assert groups[0] == groups[1] and len(groups[0]) > 10
+    a, b = runs[1], runs[3]
+    assert (a.rows_scored, a.anomalies, a.top_anomalies) == (
+        b.rows_scored,
+        b.anomalies,
+        b.top_anomalies,
+    )
+    assert a.score_quantiles == b.score_quantiles
+
+
+def test_scoring_threads_raise_the_first_error_and_stop():
+    """A batch that fails raises in the caller, in order; the batches after it
+    are not all scored (at most the ones already in flight)."""
+    from tasks.score import _in_order
+
+    seen: list[int] = []
+
+    class Batch:
+        def __init__(self, i: int) -> None:
+            self.i, self.num_rows = i, 1
+
+    def fn(batch: Batch) -> int:
+        seen.append(batch.i)
+        if batch.i == 3:
+            raise OSError("disk gone")
+        return batch.i
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="disk gone"):
+        for r in _in_order(fn, (Batch(i) for i in range(100)), 2):
+            got.append(r)
+    assert got == [0, 1, 2]
+    assert max(seen) < 10
+
+
+def test_score_workers_follow_the_device():
+    from tasks.score import score_workers
+
+    assert score_workers("cpu", cpus=16) == 1
+    assert score_workers("cuda", cpus=16) == 4
+    assert score_workers("cuda:1", cpus=2) == 2
+    assert score_workers("cuda", cpus=1) == 1

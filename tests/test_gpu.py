@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,5 +73,104 @@ def test_gpu_benchmark_runs_small(tmp_path):
     import json
 
     res = json.loads(out.read_text())
-    assert res["training"]["cuda"]["rows_epochs_per_s"] > 0
-    assert res["scoring"]["cuda"]["rows"] == 20000
+    assert not [k for k in res if k.endswith("_error")], res
+    assert res["accelerator"] == "cuda"
+    assert res["training"]["accelerated"]["rows_epochs_per_s"] > 0
+    assert res["scoring"]["accelerated"]["rows"] == 20000
+    assert res["scoring"]["accelerated"]["workers"] > 1
+
+
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+    """The benchmark's whole path, with the CPU in CUDA's place: the script a
+    GPU lease runs cannot rot on machines without one."""
+    import json
+
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    argv = ["--dry-run-on-cpu", "--score-rows", "3000", "--train-rows", "2000"]
+    argv += ["--epochs", "2", "--weather", str(tmp_path / "absent.csv")]
+    argv += ["--out", str(out), "--profile", str(tmp_path / "profile.txt")]
+    assert gpu.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert not [k for k in res if k.endswith("_error")], res
+    assert res["accelerator"] == "cpu"
+    assert res["training"]["accelerated"]["rows_epochs_per_s"] > 0
+    scoring = res["scoring"]
+    assert scoring["accelerated"]["rows"] == scoring["cpu"]["rows"] == 3000
+    assert scoring["accelerated"]["workers"] == 1
+    assert "score_partition" in (tmp_path / "profile.txt").read_text()
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_scoring_on_threads_equals_one_thread(small_csv, tmp_path):
+    """Threads score batches at once on CUDA: the same output as one thread,
+    and the same scores as the CPU up to float rounding."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.perf import step_bundle, step_ingest
+    from tasks.score import Provenance, score_partition
+
+    ingested = step_ingest(str(small_csv), str(tmp_path / "data"))["ingested_dir"]
+    bundle = tmp_path / "bundle"
+    step_bundle(ingested, str(bundle), 2, 3000)
+    meta = Provenance("m", 1, "r", "c")
+    out = {}
+    for device, workers in (("cuda", 1), ("cuda", 4), ("cpu", 1)):
+        res = score_partition(
+            Path(ingested),
+            bundle,
+            tmp_path / f"{device}-{workers}",
+            "weatheraus",
+            date(2024, 1, 1),
+            meta,
+            batch_rows=256,
+            device=device,
+            workers=workers,
+        )
+        out[device, workers] = pq.read_table(res.output_dir)
+    assert out["cuda", 1].equals(out["cuda", 4])
+    np.testing.assert_allclose(
+        out["cuda", 1]["recon_error"].to_numpy(),
+        out["cpu", 1]["recon_error"].to_numpy(),
+        rtol=1e-3,
+        atol=1e-5,
+    )
+
+
+def _fit_on_cuda(graphs: bool, epochs: int = 4):
+    """The pipeline's default estimator on CUDA, with graphed steps or eager."""
+    from benchmarks.perf import pipeline_estimator_params
+    from models.estimator import AutoencoderReducer
+    from models.objectives import OBJECTIVES
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5000, 12)).astype(np.float32)
+    x[:, 6:] = x[:, :6] @ rng.standard_normal((6, 6)).astype(np.float32)
+    params = pipeline_estimator_params(epochs)
+    params.update(device="cuda", patience=None, latent_dim=3, pca_axes=2)
+    before = OBJECTIVES["ae"].graph_safe
+    OBJECTIVES["ae"].graph_safe = graphs
+    try:
+        return AutoencoderReducer(**params).fit(x), x
+    finally:
+        OBJECTIVES["ae"].graph_safe = before
+
+
+@cuda
+@pytest.mark.gpu
+def test_graphed_training_repeats_and_matches_eager_steps():
+    """CUDA-graph steps run the eager steps' arithmetic: the same seed gives
+    the same model twice, and the eager loop's model up to float rounding
+    (4 epochs: each shape's warm-up, its capture, then replays)."""
+    a, x = _fit_on_cuda(True)
+    b, _ = _fit_on_cuda(True)
+    eager, _ = _fit_on_cuda(False)
+    assert a.history_["train_loss"] == b.history_["train_loss"]
+    np.testing.assert_array_equal(a.transform(x), b.transform(x))
+    np.testing.assert_allclose(
+        a.history_["train_loss"], eager.history_["train_loss"], rtol=1e-3
+    )
+    np.testing.assert_allclose(a.transform(x), eager.transform(x), atol=1e-3)
+    assert a.history_["train_loss"][-1] < a.history_["train_loss"][0]

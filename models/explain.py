@@ -17,6 +17,7 @@ categories alike (``TRY_CAST(observed AS DOUBLE)`` in DuckDB for a number).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,6 +66,94 @@ def fold_contributions(
     return names, folded / max(contributions.shape[1], 1)
 
 
+@dataclass(frozen=True)
+class _Entries:
+    """Explanations as columns: entry ``k`` belongs to row ``row[k]``; a row's
+    entries are consecutive, largest part first."""
+
+    counts: np.ndarray  # (n,) entries per row
+    column: list[str]
+    observed: list[str | None]
+    expected: list[str]
+    contribution: np.ndarray  # float32
+
+    def arrow(self) -> pa.StructArray:
+        return pa.StructArray.from_arrays(
+            [
+                pa.array(self.column, pa.string()),
+                pa.array(self.observed, pa.string()),
+                pa.array(self.expected, pa.string()),
+                pa.array(self.contribution, pa.float32()),
+            ],
+            fields=list(EXPLANATION_TYPE.value_type),
+        )
+
+
+def _entries(model: LatentModel, data: TableLike, top: int) -> _Entries:
+    """The ``top`` columns behind each row's score, as columns.
+
+    Ranking is vectorised and only the cells shown are turned into text
+    (about ``top`` per row): no per-row Python loop, so explaining holds the
+    GIL for little while other batches are scored on other threads.
+    """
+    n = len(data)
+    pre = model.preprocessor
+    x = pre.transform(data)
+    parts = np.asarray(model.estimator.feature_contributions(x), dtype=np.float64)
+    recon = np.asarray(model.estimator.reconstruct(x), dtype=np.float64)
+    names, folded = fold_contributions(model, parts)
+    imputed = np.zeros((n, len(names)), dtype=bool)
+    raw_numbers: dict[int, np.ndarray] = {}
+    expected_numbers: dict[int, np.ndarray] = {}
+    for i, name in enumerate(pre.numeric):
+        j = names.index(name)
+        raw = _as_float(_column(data, name))
+        imputed[:, j] = np.isnan(raw)
+        raw_numbers[j] = raw
+        expected_numbers[j] = recon[:, i] * pre.scales_[i] + pre.means_[i]
+    labels: dict[int, list[str | None]] = {}
+    expected_labels: dict[int, tuple[list[str], np.ndarray]] = {}
+    feature_index = {f: k for k, f in enumerate(pre.feature_names_out_)}
+    for name in pre.categorical:
+        j = names.index(name)
+        cats = [*pre.categories_[name], UNKNOWN]
+        cols = [feature_index[f"{name}={c}"] for c in cats]
+        values = _as_str(_column(data, name)).to_pylist()
+        imputed[:, j] = [v is None for v in values]
+        labels[j] = values
+        expected_labels[j] = (cats, recon[:, cols].argmax(axis=1))
+
+    # Never blamed: an imputed cell, or a column that adds nothing.
+    ranked = np.where(imputed | (folded <= 0), -np.inf, folded)
+    order = np.argsort(-ranked, axis=1, kind="stable")[:, :top]
+    shown = np.isfinite(np.take_along_axis(ranked, order, axis=1))
+    rows, slots = np.nonzero(shown)  # row-major: each row's entries in rank order
+    picked = order[rows, slots]
+    observed: list[str | None] = [None] * len(rows)
+    expected: list[str] = [""] * len(rows)
+    for j in np.unique(picked).tolist():
+        at = np.flatnonzero(picked == j)
+        where = rows[at]
+        if j in raw_numbers:
+            raw, guess = raw_numbers[j][where], expected_numbers[j][where]
+            for k, v, e in zip(at.tolist(), raw.tolist(), guess.tolist(), strict=True):
+                observed[k] = None if v != v else _text(v)  # NaN: missing
+                expected[k] = _text(e)
+        else:
+            values, (cats, best) = labels[j], expected_labels[j]
+            for k, r in zip(at.tolist(), where.tolist(), strict=True):
+                label = values[r]
+                observed[k] = None if label is None else str(label)
+                expected[k] = cats[int(best[r])]
+    return _Entries(
+        counts=shown.sum(axis=1),
+        column=[names[j] for j in picked.tolist()],
+        observed=observed,
+        expected=expected,
+        contribution=folded[rows, picked].astype(np.float32),
+    )
+
+
 def explain(
     model: LatentModel, data: TableLike, top: int = TOP_COLUMNS
 ) -> list[Explanation]:
@@ -83,65 +172,12 @@ def explain(
     ``{column, observed, expected, contribution}``; fewer when fewer columns
     contribute (imputed columns never do).
     """
-    n = len(data)
-    if n == 0:
+    if len(data) == 0:
         return []
-    pre = model.preprocessor
-    x = pre.transform(data)
-    parts = np.asarray(model.estimator.feature_contributions(x), dtype=np.float64)
-    recon = np.asarray(model.estimator.reconstruct(x), dtype=np.float64)
-    names, folded = fold_contributions(model, parts)
-    imputed = np.zeros((n, len(names)), dtype=bool)
-    # Values are kept as arrays and only the cells an explanation shows are
-    # turned into text: about ``top`` per row, not every column of every row.
-    raw_numbers: dict[str, np.ndarray] = {}
-    expected_numbers: dict[str, np.ndarray] = {}
-    for i, name in enumerate(pre.numeric):
-        raw = _as_float(_column(data, name))
-        imputed[:, names.index(name)] = np.isnan(raw)
-        raw_numbers[name] = raw
-        expected_numbers[name] = recon[:, i] * pre.scales_[i] + pre.means_[i]
-    labels: dict[str, list[str | None]] = {}
-    expected_labels: dict[str, tuple[list[str], np.ndarray]] = {}
-    feature_index = {f: j for j, f in enumerate(pre.feature_names_out_)}
-    for name in pre.categorical:
-        cats = [*pre.categories_[name], UNKNOWN]
-        cols = [feature_index[f"{name}={c}"] for c in cats]
-        values = _as_str(_column(data, name)).to_pylist()
-        imputed[:, names.index(name)] = [v is None for v in values]
-        labels[name] = values
-        expected_labels[name] = (cats, recon[:, cols].argmax(axis=1))
-
-    def cell(col: str, r: int) -> tuple[str | None, str]:
-        """The ``observed`` and ``expected`` text of one cell."""
-        if col in raw_numbers:
-            v = raw_numbers[col][r]
-            return (None if np.isnan(v) else _text(v)), _text(expected_numbers[col][r])
-        label = labels[col][r]
-        cats, best = expected_labels[col]
-        return (None if label is None else str(label)), cats[int(best[r])]
-
-    # Never blamed: an imputed cell, or a column that adds nothing.
-    ranked = np.where(imputed | (folded <= 0), -np.inf, folded)
-    order = np.argsort(-ranked, axis=1, kind="stable")[:, :top]
-    out: list[Explanation] = []
-    for r in range(n):
-        entries = []
-        for j in order[r]:
-            if not np.isfinite(ranked[r, j]):
-                break
-            col = names[j]
-            observed, expected = cell(col, r)
-            entries.append(
-                {
-                    "column": col,
-                    "observed": observed,
-                    "expected": expected,
-                    "contribution": float(folded[r, j]),
-                }
-            )
-        out.append(entries)
-    return out
+    entries = _entries(model, data, top)
+    flat = entries.arrow().to_pylist()
+    ends = np.cumsum(entries.counts).tolist()
+    return [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def explanation_array(
@@ -151,13 +187,19 @@ def explanation_array(
     elsewhere. Only the flagged rows are explained (about ``contamination`` of
     them), so the cost stays a small share of scoring."""
     flagged = np.asarray(flagged, dtype=bool)
-    values: list[Explanation | None] = [None] * len(flagged)
     idx = np.flatnonzero(flagged)
+    counts = np.zeros(len(flagged), dtype=np.int64)
     if len(idx):
-        rows = _take(data, idx)
-        for i, e in zip(idx.tolist(), explain(model, rows, top), strict=True):
-            values[i] = e
-    return pa.array(values, type=EXPLANATION_TYPE)
+        entries = _entries(model, _take(data, idx), top)
+        counts[idx] = entries.counts
+        values = entries.arrow()
+    else:
+        values = pa.array([], type=EXPLANATION_TYPE.value_type)
+    offsets = np.zeros(len(flagged) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), values, type=EXPLANATION_TYPE, mask=pa.array(~flagged)
+    )
 
 
 def _take(data: TableLike, idx: np.ndarray) -> TableLike:

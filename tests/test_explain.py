@@ -223,3 +223,29 @@ def test_a_retrain_with_another_seed_keeps_the_latent_axes(trained, tmp_path):
     other = LatentModel.load(tmp_path / "b3")
     assert other.alignment is None
     assert other.info.latent_space_id not in ("", old.info.latent_space_id)
+
+
+def test_explanation_column_matches_per_row_explanations(trained):
+    """The columnar ``explanation`` (nulls on unflagged rows) holds, on each
+    flagged row, exactly the entries ``explain`` gives for that row alone, in
+    rank order; an empty flag gives an all-null column of the right type."""
+    from models.explain import EXPLANATION_TYPE, explain, explanation_array
+
+    tmp, table, _ = trained
+    model = LatentModel.load(tmp / "b1")
+    rows, _ = _planted(table, np.random.default_rng(5))
+    flagged = np.zeros(rows.num_rows, dtype=bool)
+    flagged[[0, 3, 7, 41, 59]] = True
+    column = explanation_array(model, rows, flagged)
+    assert column.type == EXPLANATION_TYPE and len(column) == rows.num_rows
+    assert column.null_count == rows.num_rows - 5
+    got = column.to_pylist()
+    for i in np.flatnonzero(flagged).tolist():
+        (alone,) = explain(model, rows.slice(i, 1))
+        assert [e["column"] for e in got[i]] == [e["column"] for e in alone]
+        assert [e["observed"] for e in got[i]] == [e["observed"] for e in alone]
+        parts = [e["contribution"] for e in got[i]]
+        assert parts == sorted(parts, reverse=True) and len(parts) >= 1
+    assert all(got[i] is None for i in np.flatnonzero(~flagged).tolist())
+    none = explanation_array(model, rows, np.zeros(rows.num_rows, dtype=bool))
+    assert none.type == EXPLANATION_TYPE and none.null_count == rows.num_rows

@@ -33,13 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.perf import (
-    DATASET,
-    RUN_DATE,
     pipeline_estimator_params,
     step_bundle,
     step_generate,
     step_ingest,
     step_prepare_training,
+    step_score,
     step_score_floor,
 )
 
@@ -89,33 +88,16 @@ def score_rate(
     workers: int | None = None,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Rows per second of ``score_partition`` on ``device`` (the pipeline's
-    batch size; ``workers`` None: the pipeline's default for the device).
+    """Rows per second of ``score_partition`` on ``device`` (``perf.step_score``:
+    the pipeline's batch size; ``workers`` None: its default for the device).
 
     With ``profile``, the run is also profiled (cProfile, this thread only)
     and the 40 costliest calls are written there.
     """
-    from flows.config import PipelineConfig
-    from tasks.score import Provenance, score_partition, score_workers
-
-    batch_rows = PipelineConfig(input="bench.csv").execution.score_batch_rows
-    workers = score_workers(device) if workers is None else workers
     profiler = cProfile.Profile() if profile is not None else None
-    t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    res = score_partition(
-        Path(ingested_dir),
-        Path(bundle_dir),
-        Path(data_dir),
-        DATASET,
-        RUN_DATE,
-        Provenance(f"{DATASET}-autoencoder", 1, "bench", "bench"),
-        batch_rows=batch_rows,
-        device=device,
-        workers=workers,
-    )
-    seconds = time.perf_counter() - t0
+    res = step_score(ingested_dir, bundle_dir, data_dir, device=device, workers=workers)
     if profiler is not None and profile is not None:
         profiler.disable()
         text = io.StringIO()
@@ -123,11 +105,11 @@ def score_rate(
         profile.write_text(text.getvalue())
     return {
         "device": device,
-        "workers": workers,
-        "batch_rows": batch_rows,
-        "rows": res.rows_scored,
-        "seconds": seconds,
-        "rows_per_s": res.rows_scored / seconds,
+        "workers": res["workers"],
+        "batch_rows": res["batch_rows"],
+        "rows": res["rows"],
+        "seconds": res["seconds"],
+        "rows_per_s": res["rows"] / res["seconds"],
     }
 
 

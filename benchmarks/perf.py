@@ -315,15 +315,21 @@ def _ingested_schema(ingested_dir: str) -> TableSchema:
 
 
 def step_score(
-    ingested_dir: str, bundle_dir: str, data_dir: str, batch_rows: int | None = None
+    ingested_dir: str,
+    bundle_dir: str,
+    data_dir: str,
+    batch_rows: int | None = None,
+    device: str = "cpu",
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """The product: ``score_partition`` Parquet -> model -> Parquet.
 
-    ``batch_rows`` defaults to the pipeline's (``PipelineConfig.score_batch_rows``).
+    ``batch_rows`` defaults to the pipeline's (``PipelineConfig.score_batch_rows``),
+    ``workers`` to the pipeline's for ``device`` (``tasks.score.score_workers``).
     """
     from flows.config import PipelineConfig
     from models.families import family_names
-    from tasks.score import Provenance, score_partition
+    from tasks.score import Provenance, score_partition, score_workers
 
     if batch_rows is None:
         batch_rows = PipelineConfig(input="bench.csv").execution.score_batch_rows
@@ -340,9 +346,15 @@ def step_score(
             RUN_DATE,
             Provenance(f"{DATASET}-autoencoder", 1, "bench", "bench"),
             batch_rows=batch_rows,
+            device=device,
+            workers=workers,
         )
     return m.result(
-        rows=res.rows_scored, output_dir=res.output_dir, batch_rows=batch_rows
+        rows=res.rows_scored,
+        output_dir=res.output_dir,
+        batch_rows=batch_rows,
+        device=device,
+        workers=score_workers(device) if workers is None else workers,
     )
 
 

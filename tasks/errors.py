@@ -160,9 +160,9 @@ def describe_fault(
                 return EnvironmentFault(
                     f"{path} exists and is not a directory; expected a directory there"
                 )
-        api = _api_fault(e)
-        if api is not None:
-            return api
+        fault = _api_fault(e) or _device_fault(e)
+        if fault is not None:
+            return fault
     code = sqlite_code(exc)
     if code in _SQLITE_TEXT:
         return EnvironmentFault(
@@ -189,6 +189,23 @@ def _api_fault(e: BaseException) -> EnvironmentFault | None:
     return EnvironmentFault(
         f"{server} did not answer ({type(e).__name__}): check that its server"
         " is running, or unset PREFECT_API_URL to run on a temporary one"
+    )
+
+
+def _device_fault(e: BaseException) -> EnvironmentFault | None:
+    """The GPU ran out of memory (another job holds it, or the batches are too
+    large for it): the machine's state, not a bug, and not the data's fault.
+
+    Looked up in ``sys.modules`` like :func:`_api_fault`: no torch import.
+    """
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is None or not isinstance(e, oom):
+        return None
+    return EnvironmentFault(
+        "the GPU ran out of memory (torch.cuda.OutOfMemoryError): free it (see"
+        " nvidia-smi), lower batch_size or score_batch_rows, or run with"
+        " --device cpu"
     )
 
 

@@ -107,6 +107,26 @@ def test_an_api_server_that_does_not_answer_is_a_fault_naming_it() -> None:
     assert "ConnectError" in str(fault)
 
 
+def test_a_gpu_out_of_memory_is_a_fault_with_what_to_do() -> None:
+    """torch's CUDA out-of-memory error, however deep in the chain (Prefect
+    re-raises a task's error), is the machine's state: one line saying what
+    to change. Any other RuntimeError stays a bug."""
+    import torch
+
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
+        except RuntimeError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as outer:
+        fault = describe_fault(outer)
+    assert isinstance(fault, EnvironmentFault)
+    text = str(fault)
+    assert "\n" not in text and "GPU ran out of memory" in text
+    assert "--device cpu" in text and "score_batch_rows" in text
+    assert describe_fault(RuntimeError("CUDA out of memory")) is None
+
+
 def test_a_dead_prefect_api_is_one_line_and_status_2(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -530,7 +530,7 @@ def score_unit(
     *,
     batch_rows: int = 65536,
     device: str = "cpu",
-    workers: int = 1,
+    workers: int | None = None,
 ) -> UnitResult:
     """Score one unit into ``out_dir/part-<index>.parquet``, written atomically.
 
@@ -548,9 +548,9 @@ def score_unit(
     batch_rows
         Most rows per batch (and per output row group).
     workers
-        Batches scored at once, on as many threads (see :func:`score_workers`).
-        The output is the same for any number: each batch is scored on its
-        own and written in order.
+        Batches scored at once, on as many threads (None: :func:`score_workers`
+        for ``device``). The output is the same for any number: each batch is
+        scored on its own and written in order.
 
     Returns
     -------
@@ -559,6 +559,8 @@ def score_unit(
         of its errors (for the p99), small enough to return to the flow.
     """
     t0 = time.perf_counter()
+    if workers is None:
+        workers = score_workers(device)
     model = load_model(bundle_dir, device=device, expected_sha256=layout.bundle_sha256)
     schema = layout.schema
     rows = anomalies = 0
@@ -699,8 +701,6 @@ def score_partition(
     The single-machine path: one unit, one output file, in this process,
     ``workers`` batches at a time (None: :func:`score_workers` for ``device``).
     """
-    if workers is None:
-        workers = score_workers(device)
     layout = prepare_scoring(
         ingested_dir,
         bundle_dir,

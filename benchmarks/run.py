@@ -661,23 +661,10 @@ def _bench_served(
 ) -> None:
     """The warm run again, handed to a ``latentflow warm`` process (flows/warm.py)."""
     _log("latentflow warm: start, then the warm run twice through it ...")
+    from flows.warm import started
+
     log = scratch / "warm.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [cmd[0], "warm"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + E2E_LIMIT_S
-        while "latentflow warm: ready in" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"latentflow warm did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+    with started(cmd[0], env, REPO, log, E2E_LIMIT_S):
         served = []
         for _ in range(2):
             wall, stdout = _timed(cmd, env)
@@ -686,13 +673,6 @@ def _bench_served(
             if json.loads(stdout.splitlines()[-1]).get("trained"):
                 raise RuntimeError("the served warm run trained")
             served.append(wall)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     if log.read_text(errors="replace").count("latentflow warm: command ") != 2:
         raise RuntimeError(f"the runs were not served:\n{log.read_text()}")
     wall = _median(served)

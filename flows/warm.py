@@ -38,10 +38,11 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -265,7 +266,7 @@ def _serve(
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, stop.set)
-    _say(f"ready in {time.monotonic() - t0:.1f} s (pid {os.getpid()})")
+    _say(f"{READY} {time.monotonic() - t0:.1f} s (pid {os.getpid()})")
     children: set[int] = set()
     try:
         status = _serve_commands(
@@ -352,7 +353,54 @@ class _StopFlag:
 
 
 def _say(text: str) -> None:
-    print(f"latentflow warm: {text}", file=sys.stderr, flush=True)
+    print(f"{PREFIX} {text}", file=sys.stderr, flush=True)
+
+
+#: What every line of the warm process starts with, and the line it prints
+#: once it serves: scripts that start one wait for it (:func:`started`).
+PREFIX = "latentflow warm:"
+READY = "ready in"
+
+
+@contextlib.contextmanager
+def started(
+    executable: str | os.PathLike[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    log: Path,
+    timeout_s: float = 240.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``EXECUTABLE warm`` in its own session, once it serves; stopped on exit.
+
+    For scripts and tests that start one around their commands. Its output
+    goes to ``log``. Raises RuntimeError (with the log) if it exits or is not
+    ready within ``timeout_s``. On exit it gets SIGTERM, which lets a running
+    command finish, and its process group SIGKILL after 30 s more.
+    """
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [os.fspath(executable), "warm"],
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while f"{PREFIX} {READY}" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"latentflow warm did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _accept(conn: socket.socket, number: int, api_url: str | None) -> int | None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from flows.warm import started
 
 BIN = Path(sys.executable).with_name("latentflow")
 
@@ -35,28 +36,5 @@ def warm_process(
 ) -> Iterator[WarmProcess]:
     """``latentflow warm`` with ``env``, ready to serve; stopped on exit."""
     log = cwd / "warm.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [str(BIN), "warm"],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            start_new_session=True,
-        )
-    warm = WarmProcess(proc, log)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while "latentflow warm: ready in" not in warm.text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"latentflow warm did not start:\n{warm.text()}")
-            time.sleep(0.1)
-        yield warm
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with started(BIN, env, cwd, log, timeout_s) as proc:
+        yield WarmProcess(proc, log)

@@ -32,7 +32,7 @@ demo: install
 
 test: install
 	@echo "latentflow: running the test suite (about 30 min on 2 cores)"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import itertools
 import json
 import os
 import pstats
@@ -33,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.perf import (
-    pipeline_estimator_params,
     step_bundle,
     step_generate,
     step_ingest,
     step_prepare_training,
     step_score,
     step_score_floor,
+    step_train_product,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,29 +53,15 @@ def _log(msg: str) -> None:
 
 
 def train_rate(x_npy: str, epochs: int, device: str) -> dict[str, Any]:
-    """Rows x epochs per second of ``fit`` on ``device`` (first epoch excluded)."""
-    import numpy as np
-
-    from models.estimator import AutoencoderReducer
-
-    x = np.load(x_npy)
-    params = pipeline_estimator_params(epochs)
-    params.update(device=device, patience=None)
-    stamps: list[float] = []
-    est = AutoencoderReducer(
-        **params, epoch_callback=lambda *_: stamps.append(time.perf_counter())
-    )
-    stamps.append(time.perf_counter())
-    est.fit(x)
-    rows = len(x) - int(params["val_fraction"] * len(x))
-    later = [b - a for a, b in itertools.pairwise(stamps[1:])]
-    seconds = sum(later) if later else stamps[-1] - stamps[0]
-    counted = len(later) if later else len(stamps) - 1
+    """Rows x epochs per second of ``fit`` on ``device`` (``perf.step_train_product``;
+    the first epoch, which pays for set-up, is left out)."""
+    res = step_train_product(x_npy, epochs, device)
+    timed = res["epoch_seconds"][1:] or res["epoch_seconds"]
     return {
         "device": device,
-        "rows_per_epoch": rows,
-        "epochs_timed": counted,
-        "rows_epochs_per_s": rows * counted / max(seconds, 1e-9),
+        "rows_per_epoch": res["rows_per_epoch"],
+        "epochs_timed": len(timed),
+        "rows_epochs_per_s": res["rows_per_epoch"] * len(timed) / max(sum(timed), 1e-9),
     }
 
 
@@ -98,7 +83,7 @@ def score_rate(
     if profiler is not None:
         profiler.enable()
     res = step_score(ingested_dir, bundle_dir, data_dir, device=device, workers=workers)
-    if profiler is not None and profile is not None:
+    if profiler is not None:
         profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
@@ -238,11 +223,11 @@ def run(args: argparse.Namespace, accel: str) -> dict[str, Any]:
             )
             default = score_rate(ingested, bundle, str(scratch / "score-a"), accel)
             # The pipeline's thread count against others: how it scales.
-            others = sorted({1, 8, 16} & set(range(1, 2 * (os.cpu_count() or 1))))
+            most = 2 * (os.cpu_count() or 1)
             threads = [
                 score_rate(ingested, bundle, str(scratch / f"score-{w}"), accel, w)
-                for w in others
-                if w != default["workers"]
+                for w in (1, 8, 16)
+                if w < most and w != default["workers"]
             ]
             torch.set_num_threads(args.cpu_threads)
             on_cpu = score_rate(ingested, bundle, str(scratch / "score-cpu"), "cpu")

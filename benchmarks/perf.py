@@ -173,8 +173,9 @@ def _timed_epochs(stamps: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def step_train_product(x_npy: str, epochs: int) -> dict[str, Any]:
-    """``AutoencoderReducer.fit`` at the pipeline defaults; per-epoch wall times.
+def step_train_product(x_npy: str, epochs: int, device: str = "cpu") -> dict[str, Any]:
+    """``AutoencoderReducer.fit`` at the pipeline defaults on ``device``;
+    per-epoch wall times.
 
     Epoch times come from ``epoch_callback``; the first epoch also pays for
     set-up (validation, tensor copies), so callers use the later ones.
@@ -186,7 +187,7 @@ def step_train_product(x_npy: str, epochs: int) -> dict[str, Any]:
 
     x = np.load(x_npy)
     params = pipeline_estimator_params(epochs)
-    params["patience"] = None  # a few epochs: never stop early
+    params.update(device=device, patience=None)  # a few epochs: never stop early
     stamps: list[float] = []
     est = AutoencoderReducer(
         **params, epoch_callback=lambda *_: stamps.append(time.perf_counter())

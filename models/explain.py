@@ -68,8 +68,8 @@ def fold_contributions(
 
 @dataclass(frozen=True)
 class _Entries:
-    """Explanations as columns: entry ``k`` belongs to row ``row[k]``; a row's
-    entries are consecutive, largest part first."""
+    """Explanations as columns: row ``r`` owns ``counts[r]`` consecutive
+    entries, largest part first, after those of the rows before it."""
 
     counts: np.ndarray  # (n,) entries per row
     column: list[str]

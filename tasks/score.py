@@ -576,9 +576,10 @@ def score_unit(
         for batch in _batches(_preceding(unit), layout.columns, batch_rows):
             model.advance(batch, state)
     constants = _Constants(layout.model_name, layout.model_version)
-    # Three stages overlap: the next row groups are decoded (a reader thread)
+    # The stages overlap: the next row groups are decoded (a reader thread)
     # and the previous batch compressed and written (a writer thread) while
-    # the model scores this one. Both threads run in pyarrow without the GIL.
+    # the model scores ``workers`` batches. Reader and writer run in pyarrow
+    # without the GIL.
     behind = WriteBehind(depth=1)
     with (
         atomic_path(target) as tmp,

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from flows.config import PRESETS, PipelineConfig, resolve_pca_axes
+from flows.config import PRESETS, PipelineConfig
 from models.preprocessing import TabularPreprocessor
 from models.schema import TableSchema
 from tasks.ingest import ingest
@@ -39,27 +39,35 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 _RUN_DATE = date(2000, 1, 1)
 
 
-def pipeline_defaults() -> PipelineConfig:
-    """The pipeline's configuration with every field at its default."""
+def pipeline_defaults(label: str | None = None) -> PipelineConfig:
+    """The pipeline's configuration with every field at its default, and
+    ``label`` as the data's label (as a preset would set it)."""
     # ``input`` is the only required field; it is not used by the benchmarks.
-    return PipelineConfig(input="benchmark")
+    return PipelineConfig(input="benchmark", label=label)
 
 
-def default_estimator_params(**overrides: Any) -> dict[str, Any]:
-    """AutoencoderReducer parameters exactly as the pipeline would pass them.
+# Config fields that other defaults are derived from (see
+# PipelineConfig.estimator_params).
+_DERIVING = ("latent_dim", "kind", "label_weight")
 
+
+def default_estimator_params(
+    label: str | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """AutoencoderReducer parameters exactly as the pipeline would pass them,
+    for data whose label is ``label`` (None: unlabelled data).
+
+    Overrides of the fields other defaults depend on (``latent_dim``, ``kind``,
+    ``label_weight``) go through the config, so those defaults (``pca_axes``)
+    follow; the rest are estimator values, set as given.
     ``device`` is forced to CPU: the targets are stated for CPU cores and CUDA
     would make the PyOD timing comparison meaningless.
     """
-    params = pipeline_defaults().estimator_params()
+    fields = {k: v for k, v in overrides.items() if k in _DERIVING}
+    params = PipelineConfig(input="benchmark", label=label, **fields).estimator_params()
     params["hidden"] = tuple(params["hidden"])
     params["device"] = "cpu"
     params.update(overrides)
-    if "pca_axes" in params and "pca_axes" not in overrides:
-        # The config's default, for the kind and latent size asked for.
-        params["pca_axes"] = resolve_pca_axes(
-            None, params["latent_dim"], params["kind"]
-        )
     return params
 
 

@@ -57,7 +57,7 @@ from benchmarks.common import (
     timed,
     write_json,
 )
-from flows.config import resolve_pca_axes
+from flows.config import PRESETS
 from models.estimator import KINDS, AutoencoderReducer
 from models.schema import TableSchema
 from tasks.train import probe_auc
@@ -114,9 +114,12 @@ class Settings:
 # ---------------------------------------------------------------- our models
 
 
-def _fit(params: dict[str, Any], x: np.ndarray) -> tuple[AutoencoderReducer, float]:
+def _fit(
+    params: dict[str, Any], x: np.ndarray, y: np.ndarray | None = None
+) -> tuple[AutoencoderReducer, float]:
+    """Fit the estimator (guided by ``y`` when given, as ``tasks.train`` does)."""
     est = AutoencoderReducer(**params)
-    _, seconds = timed(est.fit, x)
+    _, seconds = timed(est.fit, x, y)
     return est, seconds
 
 
@@ -126,9 +129,11 @@ def _capped(params: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return params
 
 
-def sweep_params(settings: Settings) -> dict[str, Any]:
+def sweep_params(
+    settings: Settings, label: str | None = None, **overrides: Any
+) -> dict[str, Any]:
     """Pipeline defaults with the sweep's larger batch and epoch cap applied."""
-    params = default_estimator_params()
+    params = default_estimator_params(label, **overrides)
     batch = settings.sweep_batch_size
     if batch is not None and batch > params["batch_size"]:
         ratio = batch / params["batch_size"]
@@ -149,9 +154,18 @@ def _probe(split: Split, z_train: np.ndarray, z_hold: np.ndarray) -> float:
 def representation_section(
     split: Split, settings: Settings, seed: int, echo: Echo
 ) -> dict[str, Any]:
-    """Sections 1 and 2: reconstruction MSE and probe AUC vs PCA and raw."""
-    defaults = _capped(default_estimator_params(), settings)
-    sweep = sweep_params(settings)
+    """Sections 1 and 2: reconstruction MSE and probe AUC vs PCA and raw.
+
+    The ``default`` rows are the pipeline's defaults on weatherAUS, whose
+    preset declares the label: the code is guided by it. The ``unguided``
+    rows are the defaults for data without a label, to compare.
+    """
+    label, guide = None, None
+    if split.y_train is not None and split.m_train is not None:
+        label = PRESETS["weatheraus"]["label"]
+        guide = np.where(split.m_train, split.y_train, np.nan)
+    defaults = _capped(default_estimator_params(label), settings)
+    sweep = sweep_params(settings, label)
     pca: dict[int, dict[str, float]] = {}
     for dim in sorted({*settings.dims, defaults["latent_dim"]}):
         mse, zt, zh = pca_reconstruction(split.x_train, split.x_hold, dim, seed)
@@ -160,27 +174,29 @@ def representation_section(
 
     # The default config first, at each judged latent size: the targets judge
     # these, at the full configured budget.
+    dims = sorted({*settings.dims, defaults["latent_dim"]})
     jobs: list[tuple[str, str, int, dict[str, Any]]] = [
         (
             "default",
             defaults["kind"],
             dim,
-            {
-                **defaults,
-                "latent_dim": dim,
-                "pca_axes": resolve_pca_axes(None, dim, defaults["kind"]),
-            },
+            _capped(default_estimator_params(label, latent_dim=dim), settings),
         )
-        for dim in sorted({*settings.dims, defaults["latent_dim"]})
+        for dim in dims
     ]
+    if label is not None:
+        jobs += [
+            (
+                "unguided",
+                defaults["kind"],
+                dim,
+                _capped(default_estimator_params(None, latent_dim=dim), settings),
+            )
+            for dim in dims
+        ]
     for kind in settings.kinds:
         for dim in settings.dims:
-            params = {
-                **sweep,
-                "kind": kind,
-                "latent_dim": dim,
-                "pca_axes": resolve_pca_axes(None, dim, kind),
-            }
+            params = sweep_params(settings, label, kind=kind, latent_dim=dim)
             if params == defaults:
                 continue  # already fitted as the default row
             jobs.append(("sweep", kind, dim, params))
@@ -189,7 +205,9 @@ def representation_section(
     for role, kind, dim, params in jobs:
         # The preprocessor's one-hot blocks, as tasks.train passes them.
         params = {**params, "one_hot_groups": split.one_hot_groups}
-        est, seconds = _fit(params, split.x_train)
+        est, seconds = _fit(
+            params, split.x_train, None if role == "unguided" else guide
+        )
         z_train = est.transform(split.x_train)
         z_hold = est.transform(split.x_hold)
         base = pca.get(dim) or {"val_mse": math.nan, "probe_auc": math.nan}
@@ -202,6 +220,8 @@ def representation_section(
             "latent_dim": dim,
             "batch_size": params["batch_size"],
             "lr": params["lr"],
+            "pca_axes": params["pca_axes"],
+            "guided": role != "unguided" and guide is not None,
             "epochs_run": est.n_epochs_,
             "best_epoch": est.best_epoch_,
             "fit_seconds": seconds,
@@ -213,7 +233,7 @@ def representation_section(
         }
         rows.append(row)
         echo(
-            f"  fitted {role:7s} {kind:11s} dim={dim}: {est.n_epochs_} epochs, "
+            f"  fitted {role:8s} {kind:11s} dim={dim}: {est.n_epochs_} epochs, "
             f"{seconds:.1f}s, val MSE {val_mse:.4f} ({row['mse_ratio_vs_pca']:.2f}x"
             f" PCA)"
         )
@@ -242,6 +262,9 @@ class AnomalySet:
     types_test: np.ndarray  # corruption type per test row ("" for normal rows)
     latent_dim: int
     description: str
+    # The data's own label on the training rows (NaN where unknown), which
+    # guides the pipeline's code as it would in a run; None: no label.
+    label_train: np.ndarray | None = None
 
 
 def _numeric_std(df: pd.DataFrame, cols: Sequence[str]) -> dict[str, float]:
@@ -356,7 +379,11 @@ def _tabular_set(
     )
     bad_df["__type"] = types
     typed = pa.Table.from_pandas(bad_df, preserve_index=False)
-    split = split_table(typed, schema, None, seed, 0.2)
+    label = PRESETS["weatheraus"]["label"]
+    split = split_table(typed, schema, label, seed, 0.2)
+    label_train = None
+    if split.y_train is not None and split.m_train is not None:
+        label_train = np.where(split.m_train, split.y_train, np.nan)
     t_train = split.train_table.column("__type").to_numpy(zero_copy_only=False)
     t_test = split.hold_table.column("__type").to_numpy(zero_copy_only=False)
     return AnomalySet(
@@ -368,6 +395,7 @@ def _tabular_set(
         types_test=t_test.astype(str),
         latent_dim=default_estimator_params()["latent_dim"],
         description=description,
+        label_train=label_train,
     )
 
 
@@ -586,12 +614,14 @@ def anomaly_section(
         epochs: dict[str, int] = {}
         default_kind = default_estimator_params()["kind"]
         kinds = dict.fromkeys([default_kind, *settings.anomaly_kinds])
+        # As a run would: a data set with a label guides the code with it.
+        label = None if data.label_train is None else "label"
         for kind in kinds:
             params = _capped(
-                default_estimator_params(kind=kind, latent_dim=data.latent_dim),
+                default_estimator_params(label, kind=kind, latent_dim=data.latent_dim),
                 settings,
             )
-            est, sec = _fit(params, data.x_train)
+            est, sec = _fit(params, data.x_train, data.label_train)
             name = "default" if kind == default_kind else kind
             name = f"latentflow {name}"
             scores[name] = est.decision_function(data.x_test)

@@ -71,6 +71,7 @@ UNHASHED_FIELDS = frozenset(
 _HASHED_WHEN_SET: dict[str, Any] = {
     "anomaly_score_threshold": None,
     "pca_axes": None,
+    "label_weight": 0.1,
     "window": 7,
     "entity_column": None,
     "time_column": None,
@@ -186,19 +187,26 @@ class DataSection(BaseModel):
 PCA_AXES_KINDS = frozenset({"ae", "denoising", "contractive"})
 
 
-def resolve_pca_axes(value: int | None, latent_dim: int, kind: str) -> int:
-    """The principal axes a model gets: ``value``, or by default three quarters
-    of the latent (rounded up) for the plain kinds and none for the others.
+def resolve_pca_axes(
+    value: int | None, latent_dim: int, kind: str, guided: bool = False
+) -> int:
+    """The principal axes a model gets: ``value``, or by default none when a
+    label guides the code, three quarters of the latent (rounded up) for the
+    plain kinds otherwise, and none for the other kinds.
 
-    Three quarters: measured on weatherAUS (docs/benchmarks.md, "The latent
-    code"), a linear model reads from the leading components what it reads
-    from PCA's whole code, and the learned rest carries what a linear
-    projection misses. At latent 8, 4 or 5 fixed axes left the probe under
-    PCA's and 7 left too little to learn for the reconstruction target; 6
-    meets both. At latent 3 the code is PCA's (with a non-linear decoder).
+    Both defaults aim at a code a linear model downstream can read (measured
+    on weatherAUS, docs/benchmarks.md, "The latent code"). A guided code keeps
+    what predicts the label by training (models/label_guidance.py), so all of
+    it is learned: it reconstructs better and the probe reads more from it
+    than from PCA's. Without a label, fixed principal axes keep what a linear
+    model reads from PCA's code and the learned rest carries what a linear
+    projection misses: at latent 8, 4 or 5 fixed axes left the probe under
+    PCA's and 7 left too little to learn for the reconstruction; 6 meets both.
     """
     if value is None:
-        return (3 * latent_dim + 3) // 4 if kind in PCA_AXES_KINDS else 0
+        if guided or kind not in PCA_AXES_KINDS:
+            return 0
+        return (3 * latent_dim + 3) // 4
     return value
 
 
@@ -234,8 +242,16 @@ class ModelSection(BaseModel):
         ge=0,
         le=128,
         description="Latent axes that are the leading principal components"
-        " (empty: three quarters of the latent, rounded up, for the plain kinds;"
-        " 0 for the others)",
+        " (empty: 0 when a label guides the code; else three quarters of the"
+        " latent, rounded up, for the plain kinds, and 0 for the others)",
+    )
+    label_weight: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="Weight of the label in training, when the data has a"
+        " two-valued or numeric label: the code keeps what predicts it linearly"
+        " (0: the label is only evaluated)",
     )
     batch_size: int = Field(
         1024, ge=8, le=65536, description="Training mini-batch size"
@@ -627,8 +643,9 @@ class PipelineConfig(BaseModel):
         params = {n: fields[n] for n in settings if n in fields}
         params["kind"] = self.model.kind
         if "pca_axes" in params:
+            guided = bool(self.data.label) and params.get("label_weight", 0) > 0
             params["pca_axes"] = resolve_pca_axes(
-                params["pca_axes"], self.model.latent_dim, self.model.kind
+                params["pca_axes"], self.model.latent_dim, self.model.kind, guided
             )
         return params
 

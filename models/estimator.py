@@ -38,6 +38,7 @@ from models.atomic import atomic_write_bytes as _atomic_write
 from models.columns import latent_name
 from models.density import DensityScore, marginal_columns
 from models.family import contamination_threshold, is_anomaly
+from models.label_guidance import LabelHead, label_columns
 from models.networks import ACTIVATIONS, AutoencoderNetwork
 from models.objectives import OBJECTIVES
 from models.schedule import LR_SCHEDULES, make_schedule
@@ -237,6 +238,14 @@ default="relu"
         axes add what a linear projection misses. Only for the kinds with a
         plain code (``"ae"``, ``"denoising"``, ``"contractive"``). At most
         ``n_features`` axes are fixed; the rest of the code is learned.
+    label_weight : float, default=0.0
+        When positive and ``fit`` is given ``y``, a linear head reads the label
+        from the code during training and its loss (logistic for a 0/1 label,
+        squared error on the standardised label otherwise; rows where ``y`` is
+        NaN left out) is added to the reconstruction loss with this weight.
+        The code then keeps what predicts the label linearly (see
+        :mod:`models.label_guidance`). The head is not kept. 0, or no ``y``,
+        trains on ``X`` alone.
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
@@ -317,6 +326,7 @@ default="relu"
         "score_method": [StrOptions(set(SCORE_METHODS))],
         "one_hot_groups": [list, tuple, None],
         "pca_axes": [Interval(Integral, 0, None, closed="left")],
+        "label_weight": [Interval(Real, 0, None, closed="left")],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -344,6 +354,7 @@ default="relu"
         score_method: str = "density",
         one_hot_groups: Any = None,
         pca_axes: int = 0,
+        label_weight: float = 0.0,
         device: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
@@ -368,6 +379,7 @@ default="relu"
         self.score_method = score_method
         self.one_hot_groups = one_hot_groups
         self.pca_axes = pca_axes
+        self.label_weight = label_weight
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -386,8 +398,9 @@ default="relu"
         ----------
         X : array-like of shape (n_samples, n_features)
             Training rows, numeric and finite, ideally standardized.
-        y : None
-            Ignored.
+        y : array-like of shape (n_samples,), default=None
+            The label that guides the code when ``label_weight > 0``: numeric,
+            NaN where unknown. Ignored otherwise.
 
         Returns
         -------
@@ -401,6 +414,11 @@ default="relu"
         rng = check_random_state(self.random_state)
 
         n_samples, n_features = X.shape
+        label, binary = (
+            label_columns(y, n_samples)
+            if self.label_weight > 0 and y is not None
+            else (None, False)
+        )
         n_val = int(self.val_fraction * n_samples)
         if n_val < MIN_VALIDATION_ROWS or n_val >= n_samples:
             n_val = 0
@@ -424,25 +442,36 @@ default="relu"
                 one_hot_groups=self._checked_groups(n_features),
                 pca_axes=pca_axes,
             )
+            # Built after the network, so an unguided fit draws the same weights.
+            head = None if label is None else LabelHead(self.latent_dim, binary)
         if pca_axes:
             train_rows = X if not n_val else X[order[n_val:]]
             network.set_pca_axes(*principal_axes(train_rows, pca_axes))
         network.to(device)
+        if head is not None:
+            head.to(device)
 
         X32 = np.ascontiguousarray(X, dtype=np.float32)
         if not X32.flags.writeable:
             X32 = X32.copy()  # torch.from_numpy warns on read-only buffers
         x_all = torch.from_numpy(X32).to(device)
+        # The label travels as extra columns of the training rows, so one
+        # index per batch gathers rows and labels alike.
+        rows_all = (
+            x_all
+            if label is None
+            else torch.cat([x_all, torch.from_numpy(label).to(device)], dim=1)
+        )
         if n_val:
             index = torch.from_numpy(order).to(device)
             x_val: torch.Tensor | None = x_all[index[:n_val]]
-            x_train = x_all[index[n_val:]]
+            x_train = rows_all[index[n_val:]]
         else:
-            x_val, x_train = None, x_all
+            x_val, x_train = None, rows_all
         generator = torch.Generator(device=device).manual_seed(train_seed)
 
-        history, best_epoch = self._train(network, x_train, x_val, generator)
-        del x_all, x_train, x_val
+        history, best_epoch = self._train(network, head, x_train, x_val, generator)
+        del x_all, rows_all, x_train, x_val
 
         network.eval()
         self.network_ = network
@@ -504,17 +533,21 @@ default="relu"
             raise ValueError(f"hidden layer widths must be >= 1, got {self.hidden!r}")
         return tuple(int(h) for h in hidden)
 
-    def _make_optimizer(self, network: AutoencoderNetwork) -> torch.optim.Optimizer:
+    def _make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         try:
             # The fused kernel updates every parameter in one call instead of a
             # Python loop over tensors: measurably faster for small networks.
-            return torch.optim.Adam(network.parameters(), fused=True, **kwargs)
+            return torch.optim.Adam(params, fused=True, **kwargs)
         except (RuntimeError, TypeError):
-            return torch.optim.Adam(network.parameters(), **kwargs)
+            return torch.optim.Adam(params, **kwargs)
 
     def _step_function(
-        self, network: AutoencoderNetwork, generator: torch.Generator, steps: int
+        self,
+        network: AutoencoderNetwork,
+        head: LabelHead | None,
+        generator: torch.Generator,
+        steps: int,
     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One optimiser step on a batch, returning its (loss, MSE) detached.
 
@@ -525,21 +558,24 @@ default="relu"
         """
 
         def loss_of(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._batch_loss(network, batch, generator)
+            return self._batch_loss(network, head, batch, generator)
 
-        device = next(network.parameters()).device
+        params = list(network.parameters())
+        if head is not None:
+            params += list(head.parameters())
+        device = params[0].device
         if device.type == "cuda" and OBJECTIVES[self.kind].graph_safe:
             from models.graphed_training import GraphedSteps
 
             return GraphedSteps(
                 loss_of,
-                list(network.parameters()),
+                params,
                 lr=self.lr,
                 weight_decay=self.weight_decay,
                 schedule=self.lr_schedule,
                 total_steps=steps,
             ).step
-        optimizer = self._make_optimizer(network)
+        optimizer = self._make_optimizer(params)
         schedule = make_schedule(optimizer, self.lr_schedule, steps)
 
         def eager(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,11 +593,17 @@ default="relu"
     def _train(
         self,
         network: AutoencoderNetwork,
+        head: LabelHead | None,
         x_train: torch.Tensor,
         x_val: torch.Tensor | None,
         generator: torch.Generator,
     ) -> tuple[dict[str, list[float]], int]:
-        """Run the epochs; leave the best weights in ``network``."""
+        """Run the epochs; leave the best weights in ``network``.
+
+        ``x_train`` holds the training rows, followed by the label's columns
+        when ``head`` is given; ``x_val`` holds rows only (early stopping
+        watches the reconstruction alone).
+        """
         n_train = x_train.shape[0]
         device = x_train.device
         history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
@@ -571,7 +613,7 @@ default="relu"
         stale = 0
         batch_rows = self._batch_weights(n_train, device)
         total_steps = self.epochs * batch_rows.shape[0]
-        step = self._step_function(network, generator, total_steps)
+        step = self._step_function(network, head, generator, total_steps)
         # The first half of a cosine schedule runs at high rates, where the
         # validation loss is noisy and still falls in the second half: epochs
         # without improvement count towards ``patience`` only after it.
@@ -643,12 +685,23 @@ default="relu"
     def _batch_loss(
         self,
         network: AutoencoderNetwork,
+        head: LabelHead | None,
         batch: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training objective and its pure reconstruction-MSE part for one batch."""
         # Each kind's loss is an object in models.objectives, looked up by name.
-        return OBJECTIVES[self.kind](self, network, batch, generator)
+        objective = OBJECTIVES[self.kind]
+        if head is None:
+            loss, recon, _ = objective(self, network, batch, generator)
+            return loss, recon
+        n_features = network.n_features
+        # A contiguous copy of the rows: cheaper than strided reads in every
+        # layer and loss term that follows.
+        rows = batch[:, :n_features].contiguous()
+        loss, recon, code = objective(self, network, rows, generator)
+        guide = head.loss(code, batch[:, n_features], batch[:, n_features + 1])
+        return loss + self.label_weight * guide, recon
 
     @staticmethod
     def _validation_loss(network: AutoencoderNetwork, x_val: torch.Tensor) -> float:

@@ -18,6 +18,9 @@ import torch
 
 from models.networks import AutoencoderNetwork, encode_with_jacobian
 
+#: (training objective, its reconstruction-MSE part, the code it decoded from).
+BatchLoss = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 class ObjectiveWeights(Protocol):
     """The estimator hyperparameters an objective may read."""
@@ -46,10 +49,13 @@ class Objective:
         network: AutoencoderNetwork,
         batch: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training objective and its pure reconstruction-MSE part for one batch
-        (see :meth:`AutoencoderNetwork.reconstruction_loss`)."""
-        return network.reconstruction_loss(network.encode(batch), batch)
+    ) -> BatchLoss:
+        """Training objective, its pure reconstruction-MSE part, and the code
+        the batch was decoded from, shape (batch, latent_dim) (see
+        :meth:`AutoencoderNetwork.reconstruction_loss`). The estimator reads the
+        label from that code when the label guides training."""
+        code = network.encode(batch)
+        return (*network.reconstruction_loss(code, batch), code)
 
 
 class DenoisingObjective(Objective):
@@ -63,12 +69,13 @@ class DenoisingObjective(Objective):
         network: AutoencoderNetwork,
         batch: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchLoss:
         noise = torch.randn(
             batch.shape, generator=generator, device=batch.device, dtype=batch.dtype
         )
         noisy = batch + weights.noise_std * noise
-        return network.reconstruction_loss(network.encode(noisy), batch)
+        code = network.encode(noisy)
+        return (*network.reconstruction_loss(code, batch), code)
 
 
 class SparseObjective(Objective):
@@ -82,11 +89,11 @@ class SparseObjective(Objective):
         network: AutoencoderNetwork,
         batch: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchLoss:
         code = network.encode(batch)
         fit, recon = network.reconstruction_loss(code, batch)
         penalty = code.abs().sum(dim=1).mean()
-        return fit + weights.sparsity_weight * penalty, recon
+        return fit + weights.sparsity_weight * penalty, recon, code
 
 
 class ContractiveObjective(Objective):
@@ -100,10 +107,10 @@ class ContractiveObjective(Objective):
         network: AutoencoderNetwork,
         batch: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchLoss:
         code, jac_sq = encode_with_jacobian(network, batch)
         fit, recon = network.reconstruction_loss(code, batch)
-        return fit + weights.contractive_weight * jac_sq.mean(), recon
+        return fit + weights.contractive_weight * jac_sq.mean(), recon, code
 
 
 class VariationalObjective(Objective):
@@ -118,7 +125,7 @@ class VariationalObjective(Objective):
         network: AutoencoderNetwork,
         batch: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchLoss:
         mu, logvar = network.encode_distribution(batch)
         eps = torch.randn(
             mu.shape, generator=generator, device=mu.device, dtype=mu.dtype
@@ -126,7 +133,8 @@ class VariationalObjective(Objective):
         z = mu + eps * torch.exp(0.5 * logvar)
         fit, recon = network.reconstruction_loss(z, batch)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
-        return fit + (weights.beta / batch.shape[1]) * kl, recon
+        # The label is read from the posterior mean: that is the latent column.
+        return fit + (weights.beta / batch.shape[1]) * kl, recon, mu
 
 
 #: Every autoencoder kind, in the order the docs and the config list them.

@@ -70,6 +70,29 @@ def _binary_label(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
     return present, (values.astype(str) == positive).to_numpy().astype(int)
 
 
+def label_guide(values: pd.Series, label: str) -> tuple[np.ndarray | None, str]:
+    """The label as the code's guide (``fit``'s ``y``), or None and why not.
+
+    A two-valued label becomes 0/1, a numeric one stays as it is; NaN where the
+    label is unknown. A label of three or more text values does not guide the
+    code (the guide is one linear read-out).
+    """
+    two = _binary_label(values)
+    if two is not None:
+        present, targets = two
+        return np.where(present, targets, np.nan), ""
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(
+        values.dtype
+    ):
+        numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        known = numbers[np.isfinite(numbers)]
+        if known.size >= 2 and np.ptp(known) > 0:
+            return numbers, ""
+        return None, f"label {label!r} has fewer than two known values"
+    classes = values.dropna().astype(str).nunique()
+    return None, f"label {label!r} has {classes} classes"
+
+
 def probe_auc(
     z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray
 ) -> float:
@@ -177,9 +200,25 @@ def train_model(
         # Derived from the preprocessed layout, known only now (see
         # models.families.DERIVED_SETTINGS).
         est.set_params(one_hot_groups=pre.one_hot_groups())  # type: ignore[attr-defined]
+    warnings: list[str] = []
+    label_missing = bool(label) and table.column(label).null_count == n
+    guide = None
+    guided = context_columns is None and getattr(est, "label_weight", 0) > 0
+    if label and not label_missing and guided:
+        guide, why_not = label_guide(train_t.column(label).to_pandas(), label)
+        if guide is None:
+            # The config chose the guided code's defaults (no principal axes).
+            warnings.append(
+                f"{why_not}, so it does not guide the code (only a two-valued or"
+                " numeric label can; label_weight 0 gives the unguided defaults,"
+                " with principal axes)"
+            )
     t0 = time.perf_counter()
     if context_columns is None:
-        est.fit(x_train)
+        if guide is None:
+            est.fit(x_train)
+        else:
+            est.fit(x_train, guide)
         fit_seconds = time.perf_counter() - t0
         fitted, held = score_rows(est, x_train), score_rows(est, x_hold)
     else:
@@ -206,8 +245,7 @@ def train_model(
         if champion_mse is not None:
             metrics["champion_holdout_mse"] = champion_mse
     metrics["val_mse_vs_pca"] = metrics["val_mse"] / max(metrics["pca_val_mse"], 1e-12)
-    warnings: list[str] = []
-    if label and table.column(label).null_count == n:
+    if label_missing:
         # The label is for evaluation only: the model does not need it.
         warnings.append(
             f"label {label!r} is entirely missing: no probe_auc for this model"

@@ -527,3 +527,77 @@ def test_density_contributions_name_the_column_with_the_extreme_value() -> None:
     row[0, 5] = 40.0
     assert est.decision_function(row)[0] > est.threshold_
     assert est.score_contributions(row)[0].argmax() == 5
+
+
+def _hidden_label(n: int = 1500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose label lives in a low-variance column: a code of 2 that
+    follows the variance (PCA's, an unguided autoencoder's) misses it."""
+    rng = np.random.default_rng(seed)
+    loud = rng.normal(size=(n, 2)) @ rng.normal(size=(2, 6)) * 3.0
+    quiet = rng.normal(size=(n, 1))
+    X = np.hstack([loud, quiet, rng.normal(size=(n, 1))])
+    # Standardised, as the pipeline's rows are: the label's column has as much
+    # variance as any other, but six columns share the two loud directions.
+    return StandardScaler().fit_transform(X), (quiet[:, 0] > 0).astype(float)
+
+
+def _probe(z: np.ndarray, y: np.ndarray) -> float:
+    from tasks.train import probe_auc
+
+    half = len(y) // 2
+    return probe_auc(z[:half], y[:half], z[half:], y[half:])
+
+
+def test_label_weight_makes_the_code_keep_what_predicts_the_label() -> None:
+    X, y = _hidden_label()
+    settings = {"latent_dim": 2, "epochs": 40, "lr": 1e-2, "patience": None}
+    plain = _small(**settings).fit(X, y)  # label_weight 0: y is ignored
+    guided = _small(**settings, label_weight=0.5).fit(X, y)
+    assert _probe(plain.transform(X), y) < 0.75
+    assert _probe(guided.transform(X), y) > 0.9
+    # Rows with an unknown label take no part: the same label, half unknown,
+    # still guides the code.
+    half_known = np.where(np.arange(len(y)) % 2 == 0, y, np.nan)
+    partly = _small(**settings, label_weight=0.5).fit(X, half_known)
+    assert _probe(partly.transform(X), y) > 0.9
+
+
+def test_a_numeric_label_guides_the_code_too() -> None:
+    X, _ = _hidden_label()
+    target = X[:, 6] * 40.0 + 7.0  # any scale: the head reads it standardised
+    settings = {"latent_dim": 2, "epochs": 40, "lr": 1e-2, "patience": None}
+    guided = _small(**settings, label_weight=0.5).fit(X, target)
+    z = guided.transform(X)
+    fit = np.linalg.lstsq(np.c_[z, np.ones(len(z))], target, rcond=None)
+    r2 = 1 - fit[1][0] / ((target - target.mean()) ** 2).sum()
+    assert r2 > 0.8
+
+
+def test_without_label_weight_y_changes_nothing() -> None:
+    X, y = _hidden_label(400)
+    a = _small().fit(X)
+    b = _small().fit(X, y)
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+    # Guided fits are reproducible too.
+    c = _small(label_weight=0.3).fit(X, y)
+    d = _small(label_weight=0.3).fit(X, y)
+    np.testing.assert_array_equal(c.transform(X), d.transform(X))
+    assert not np.array_equal(a.transform(X), c.transform(X))
+
+
+@pytest.mark.parametrize(
+    ("y", "match"),
+    [
+        (np.full(400, np.nan), "fewer than two known values"),
+        (np.ones(400), "fewer than two known values"),
+        (np.zeros(399), r"y must have shape \(400,\)"),
+        (np.array(["a", "b"] * 200), "y must be numeric"),
+    ],
+)
+def test_a_label_that_cannot_guide_is_a_one_line_error(
+    y: np.ndarray, match: str
+) -> None:
+    X, _ = _hidden_label(400)
+    with pytest.raises(ValueError, match=match) as exc:
+        _small(label_weight=0.1).fit(X, y)
+    assert "\n" not in str(exc.value)

@@ -40,8 +40,8 @@ def label_columns(y: Any, n_samples: int) -> tuple[np.ndarray, bool]:
     Raises
     ------
     ValueError
-        One line, when ``y`` is not numeric, has the wrong length, or does not
-        vary over its known rows.
+        One line, when ``y`` is not numeric, has the wrong length, or has fewer
+        than two distinct known values.
     """
     try:
         values = np.asarray(y, dtype=np.float64)
@@ -56,7 +56,9 @@ def label_columns(y: Any, n_samples: int) -> tuple[np.ndarray, bool]:
     known = np.isfinite(values)
     present = values[known]
     if present.size == 0 or np.ptp(present) == 0:
-        raise ValueError("y has fewer than two known values: it cannot guide the code")
+        raise ValueError(
+            "y has fewer than two distinct known values: it cannot guide the code"
+        )
     binary = bool(np.isin(present, (0.0, 1.0)).all())
     scaled = values if binary else (values - present.mean()) / present.std()
     target = np.zeros((n_samples, LABEL_COLUMNS), dtype=np.float32)

@@ -88,8 +88,10 @@ def label_guide(values: pd.Series, label: str) -> tuple[np.ndarray | None, str]:
         known = numbers[np.isfinite(numbers)]
         if known.size >= 2 and np.ptp(known) > 0:
             return numbers, ""
-        return None, f"label {label!r} has fewer than two known values"
+        return None, f"label {label!r} has fewer than two distinct known values"
     classes = values.dropna().astype(str).nunique()
+    if classes < 2:
+        return None, f"label {label!r} has fewer than two distinct known values"
     return None, f"label {label!r} has {classes} classes"
 
 

@@ -588,8 +588,8 @@ def test_without_label_weight_y_changes_nothing() -> None:
 @pytest.mark.parametrize(
     ("y", "match"),
     [
-        (np.full(400, np.nan), "fewer than two known values"),
-        (np.ones(400), "fewer than two known values"),
+        (np.full(400, np.nan), "fewer than two distinct known values"),
+        (np.ones(400), "fewer than two distinct known values"),
         (np.zeros(399), r"y must have shape \(400,\)"),
         (np.array(["a", "b"] * 200), "y must be numeric"),
     ],

@@ -107,7 +107,9 @@ def test_label_guide_reads_two_valued_and_numeric_labels() -> None:
     assert numbers is not None
     np.testing.assert_array_equal(numbers, [1.5, np.nan, 3.0, 9.0])
     constant, why = label_guide(pd.Series([2.0, 2.0, None]), "y")
-    assert constant is None and "fewer than two known values" in why
+    assert constant is None and "fewer than two distinct known values" in why
+    one_class, why = label_guide(pd.Series(["Yes", None, "Yes"]), "y")
+    assert one_class is None and why.endswith("fewer than two distinct known values")
 
 
 @pytest.mark.parametrize(

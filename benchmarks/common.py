@@ -93,6 +93,14 @@ class Split:
     m_hold: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def label_train(self) -> np.ndarray | None:
+        """The training rows' label as ``fit``'s ``y`` (NaN where unknown), or
+        None without a usable label."""
+        if self.y_train is None or self.m_train is None:
+            return None
+        return np.where(self.m_train, self.y_train, np.nan)
+
 
 def ingest_table(
     source: Path, work_dir: Path, preset: str = "weatheraus"

@@ -160,10 +160,8 @@ def representation_section(
     preset declares the label: the code is guided by it. The ``unguided``
     rows are the defaults for data without a label, to compare.
     """
-    label, guide = None, None
-    if split.y_train is not None and split.m_train is not None:
-        label = PRESETS["weatheraus"]["label"]
-        guide = np.where(split.m_train, split.y_train, np.nan)
+    guide = split.label_train
+    label = None if guide is None else PRESETS["weatheraus"]["label"]
     defaults = _capped(default_estimator_params(label), settings)
     sweep = sweep_params(settings, label)
     pca: dict[int, dict[str, float]] = {}
@@ -381,9 +379,6 @@ def _tabular_set(
     typed = pa.Table.from_pandas(bad_df, preserve_index=False)
     label = PRESETS["weatheraus"]["label"]
     split = split_table(typed, schema, label, seed, 0.2)
-    label_train = None
-    if split.y_train is not None and split.m_train is not None:
-        label_train = np.where(split.m_train, split.y_train, np.nan)
     t_train = split.train_table.column("__type").to_numpy(zero_copy_only=False)
     t_test = split.hold_table.column("__type").to_numpy(zero_copy_only=False)
     return AnomalySet(
@@ -395,7 +390,7 @@ def _tabular_set(
         types_test=t_test.astype(str),
         latent_dim=default_estimator_params()["latent_dim"],
         description=description,
-        label_train=label_train,
+        label_train=split.label_train,
     )
 
 

@@ -81,18 +81,15 @@ def label_guide(values: pd.Series, label: str) -> tuple[np.ndarray | None, str]:
     if two is not None:
         present, targets = two
         return np.where(present, targets, np.nan), ""
-    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(
-        values.dtype
-    ):
+    dtype = values.dtype
+    if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
         numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
         known = numbers[np.isfinite(numbers)]
         if known.size >= 2 and np.ptp(known) > 0:
             return numbers, ""
-        return None, f"label {label!r} has fewer than two distinct known values"
-    classes = values.dropna().astype(str).nunique()
-    if classes < 2:
-        return None, f"label {label!r} has fewer than two distinct known values"
-    return None, f"label {label!r} has {classes} classes"
+    elif (classes := values.dropna().astype(str).nunique()) > 2:
+        return None, f"label {label!r} has {classes} classes"
+    return None, f"label {label!r} has fewer than two distinct known values"
 
 
 def probe_auc(
@@ -248,7 +245,7 @@ def train_model(
             metrics["champion_holdout_mse"] = champion_mse
     metrics["val_mse_vs_pca"] = metrics["val_mse"] / max(metrics["pca_val_mse"], 1e-12)
     if label_missing:
-        # The label is for evaluation only: the model does not need it.
+        # Nothing to probe with (and nothing guided the code): the run goes on.
         warnings.append(
             f"label {label!r} is entirely missing: no probe_auc for this model"
         )

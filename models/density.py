@@ -391,9 +391,14 @@ class DensityScore(nn.Module):
         """
         refs = self.references.reshape(-1, self.references.shape[-1]).to(emb.dtype)
         ref_sq = refs.square().sum(dim=1)
-        out = torch.empty(emb.shape[0], dtype=emb.dtype, device=emb.device)
+        nearest = torch.empty(
+            emb.shape[0], self.n_sets, dtype=emb.dtype, device=emb.device
+        )
         own = None if members is None else torch.from_numpy(members.reshape(-1))
         step = NEIGHBOUR_BLOCK if emb.device.type == "cpu" else NEIGHBOUR_BLOCK_GPU
+        # Only the distance matrix is built in blocks (it is what must stay in
+        # cache); the per-row steps after the minimum run once over all rows,
+        # since on blocks this small their per-call cost was most of their time.
         for start in range(0, emb.shape[0], step):
             block = emb[start : start + step]
             # |e - r|^2 = |e|^2 + (|r|^2 - 2 e.r): |e|^2 is the same for every
@@ -404,14 +409,15 @@ class DensityScore(nn.Module):
                     first_row + start, first_row + start + block.shape[0]
                 )
                 sq.masked_fill_(own.unsqueeze(0) == rows.unsqueeze(1), math.inf)
-            nearest = sq.view(-1, self.n_sets, self.set_rows).amin(dim=2)
-            nearest += block.square().sum(dim=1, keepdim=True)
-            # A subset made only of the row itself (a one-row fit) adds nothing.
-            nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)
-            out[start : start + block.shape[0]] = (
-                nearest.clamp_min_(0).sqrt_().mean(dim=1)
+            torch.amin(
+                sq.view(-1, self.n_sets, self.set_rows),
+                dim=2,
+                out=nearest[start : start + block.shape[0]],
             )
-        return out
+        nearest += emb.square().sum(dim=1, keepdim=True)
+        # A subset made only of the row itself (a one-row fit) adds nothing.
+        nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)
+        return nearest.clamp_min_(0).sqrt_().mean(dim=1)
 
     def forward(
         self, x: torch.Tensor, code: torch.Tensor, sq_error: torch.Tensor

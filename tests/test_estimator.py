@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -485,6 +486,34 @@ def test_density_score_splits_into_contributions_and_excludes_self() -> None:
     # score() stays minus the reconstruction MSE, whatever the anomaly score.
     recon = est.inverse_transform(est.transform(X))
     assert est.score(X) == pytest.approx(-((recon - X) ** 2).mean(), rel=1e-4)
+
+
+def test_neighbour_term_is_the_mean_nearest_distance_across_blocks() -> None:
+    """The neighbour term, computed in cache-sized blocks, equals its definition
+    (mean over subsets of the distance to the nearest member) on every row, and
+    a training row's own slot is masked wherever it was drawn."""
+    from models.density import NEIGHBOUR_BLOCK, DensityScore
+
+    gen = torch.Generator().manual_seed(0)
+    scorer = DensityScore(n_features=4, latent_dim=2, n_sets=3, set_rows=5)
+    refs = torch.randn(3, 5, 3, generator=gen)
+    scorer.references.copy_(refs)
+    n = 2 * NEIGHBOUR_BLOCK + 37  # three blocks, the last one partial
+    emb = torch.randn(n, 3, generator=gen)
+    dist = torch.cdist(emb.double(), refs.reshape(-1, 3).double()).view(n, 3, 5)
+    expected = dist.amin(dim=2).mean(dim=1)
+    with torch.inference_mode():
+        got = scorer._neighbour(emb)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    # Rows 0..14 of a training chunk starting at row 0 are the members.
+    members = np.arange(15).reshape(3, 5)
+    scorer.references.copy_(emb[:15].reshape(3, 5, 3))
+    dist = torch.cdist(emb.double(), emb[:15].double())
+    dist[torch.arange(15), torch.arange(15)] = math.inf
+    expected = dist.view(n, 3, 5).amin(dim=2).mean(dim=1)
+    with torch.inference_mode():
+        got = scorer._neighbour(emb, members=members, first_row=0)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_density_score_finds_a_cluster_of_anomalies_the_reconstruction_misses() -> None:

@@ -256,6 +256,31 @@ def test_reconstruction_loss_is_squared_error_plus_cross_entropy() -> None:
 
 
 @pytest.mark.parametrize(
+    "groups",
+    [[[2, 3, 4], [5, 6]], [[4, 2, 6], [3, 5]]],
+    ids=["consecutive columns", "scattered columns"],
+)
+def test_inference_softmax_of_groups_equals_training_decode(groups) -> None:
+    """Scoring activates a group on a slice of the output when its columns are
+    consecutive and by gather/scatter otherwise: both give decode's values,
+    bit for bit, and every group sums to 1."""
+    torch.manual_seed(0)
+    net = AutoencoderNetwork(8, 3, (16,), one_hot_groups=groups).eval()
+    z = torch.randn(257, 3) * 4
+    with torch.inference_mode():
+        inferred = net.infer_decode(z.clone())
+        trained = net.decode(z)
+    assert torch.equal(inferred, trained)
+    for group in groups:
+        sums = inferred[:, group].sum(dim=1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-6)
+    plain = [i for i in range(8) if all(i not in g for g in groups)]
+    with torch.inference_mode():
+        raw = net.decoder(z)
+    assert torch.equal(inferred[:, plain], raw[:, plain])
+
+
+@pytest.mark.parametrize(
     ("groups", "words"),
     [
         ([[0]], "2 or more columns"),

@@ -124,6 +124,10 @@ class AutoencoderNetwork(nn.Module):
         # slice at inference: its softmax runs on a view, without the gather
         # and scatter an index needs (the same values, a third faster).
         self._group_spans = tuple(_span(g) for g in self.one_hot_groups)
+        # The same layout lets training cut the output into its plain runs and
+        # groups with one split, whose backward is a single concatenation
+        # (a gather per group costs a full-width scatter each way).
+        self._segments = _segments(self.n_features, self._group_spans)
 
         code_width = 2 * self.latent_dim if self.variational else self.latent_dim
         code_width -= self.pca_axes
@@ -224,6 +228,34 @@ class AutoencoderNetwork(nn.Module):
         if not self.one_hot_groups:
             mse = (raw - target).square().mean()
             return mse, mse
+        if self._segments is None:
+            return self._gathered_loss(raw, target)
+        sizes = [stop - start for start, stop, _ in self._segments]
+        total = raw.new_zeros(raw.shape[0])
+        # The pure MSE is only reported (early stopping and the history watch
+        # it), so it is summed outside the graph, from the same log-softmax.
+        squares = raw.new_zeros(())
+        for (_, _, grouped), out, want in zip(
+            self._segments,
+            raw.split(sizes, dim=1),
+            target.split(sizes, dim=1),
+            strict=True,
+        ):
+            if grouped:
+                logp = torch.log_softmax(out, dim=1)
+                total = total - (logp * want).sum(dim=1)
+                with torch.no_grad():
+                    squares += (logp.exp() - want).square().sum()
+            else:
+                cells = (out - want).square()
+                total = total + cells.sum(dim=1)
+                squares += cells.detach().sum()
+        return total.mean() / self.n_features, squares / target.numel()
+
+    def _gathered_loss(
+        self, raw: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`reconstruction_loss` for groups whose columns are scattered."""
         recon = self._activate_groups(raw)
         mse = (recon - target).square().mean()
         plain = raw.index_select(1, self.plain_columns) - target.index_select(
@@ -279,6 +311,26 @@ def _span(group: Sequence[int]) -> tuple[int, int] | None:
     if group and list(group) == list(range(group[0], group[0] + len(group))):
         return group[0], group[0] + len(group)
     return None
+
+
+def _segments(
+    n_features: int, spans: Sequence[tuple[int, int] | None]
+) -> tuple[tuple[int, int, bool], ...] | None:
+    """The columns cut into consecutive ``(start, stop, is_group)`` runs, in
+    order: each group's span and the plain runs between them. None when a
+    group's columns are not consecutive."""
+    if any(span is None for span in spans):
+        return None
+    runs: list[tuple[int, int, bool]] = []
+    at = 0
+    for start, stop in sorted(s for s in spans if s is not None):
+        if start > at:
+            runs.append((at, start, False))
+        runs.append((start, stop, True))
+        at = stop
+    if at < n_features:
+        runs.append((at, n_features, False))
+    return tuple(runs)
 
 
 def _run_inplace(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,31 @@ def _as_str(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return pc.utf8_trim_whitespace(arr)
 
 
+def _category_codes(arr: pa.ChunkedArray | pa.Array, cats: list[str]) -> np.ndarray:
+    """Each value's position in ``cats``, int64 of shape (n,): ``len(cats)``
+    for a category training never saw; a missing value is :data:`MISSING`.
+
+    A dictionary-encoded column (scoring reads the categoricals so) is looked
+    up once per distinct value, then spread by its indices: no per-row string
+    work.
+    """
+    if isinstance(arr, pa.ChunkedArray) and pa.types.is_dictionary(arr.type):
+        # Each chunk has a dictionary of its own.
+        parts = [_category_codes(chunk, cats) for chunk in arr.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if isinstance(arr, pa.DictionaryArray):
+        # Codes of the distinct values, then one more for a missing value.
+        missing = cats.index(MISSING) if MISSING in cats else len(cats)
+        codes = np.append(_category_codes(arr.dictionary, cats), missing)
+        indices = arr.indices
+        if indices.null_count:
+            indices = indices.cast(pa.int64()).fill_null(len(codes) - 1)
+        return codes[indices.to_numpy()]
+    values = _as_str(arr).fill_null(MISSING)
+    idx = pc.index_in(values, value_set=pa.array(cats, type=pa.string()))
+    return idx.fill_null(len(cats)).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def _check_present(data: TableLike, columns: Sequence[str]) -> None:
     """Raise a one-line ValueError naming every required column that is absent."""
     present = set(data.columns if isinstance(data, pd.DataFrame) else data.schema.names)
@@ -604,13 +629,15 @@ class TabularPreprocessor:
             block[j] = miss
             j += 1
         out[:, :k] = block.T
-        rows = np.arange(n)
+        # One flat index per row and category: a 2-D fancy index would build
+        # the row index again for every column.
+        flat = out.reshape(-1)
+        row_starts = np.arange(0, n * self.n_features_out, self.n_features_out)
         for name in self.categorical:
             cats = self.categories_[name]
-            col = _as_str(_column(data, name)).fill_null(MISSING)
-            idx = pc.index_in(col, value_set=pa.array(cats, type=pa.string()))
-            codes = idx.fill_null(len(cats)).to_numpy(zero_copy_only=False)
-            out[rows, j + codes.astype(np.int64)] = 1.0
+            hot = _category_codes(_column(data, name), cats)
+            hot += row_starts + j
+            flat[hot] = 1.0
             j += len(cats) + 1
         return out
 

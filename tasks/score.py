@@ -104,6 +104,10 @@ class ScoreLayout:
     bundle_sha256: str | None = None  # the manifest digest every unit must load
     #: A fixed anomaly_score cut; None flags by the model's threshold.
     anomaly_cut: float | None = None
+    #: String columns read dictionary-encoded, as Parquet stores them: the
+    #: model's categoricals that are not copied to the output. The model maps
+    #: each distinct value once instead of every row's string.
+    dictionary_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -278,6 +282,16 @@ def prepare_scoring(
         )
     needed = [*needed, *[c for c in context if c not in needed]]
     columns = ["_row_id", *keys, *[c for c in needed if c not in keys]]
+    dictionary = tuple(
+        c
+        for c in model.preprocessor.categorical
+        if c not in keys
+        and c not in context
+        and (
+            pa.types.is_string(source.field(c).type)
+            or pa.types.is_large_string(source.field(c).type)
+        )
+    )
     return ScoreLayout(
         schema,
         columns,
@@ -286,6 +300,7 @@ def prepare_scoring(
         provenance.model_version,
         model.manifest_sha256,
         anomaly_cut,
+        dictionary,
     )
 
 
@@ -323,7 +338,10 @@ def plan_scoring(
 
 
 def _batches(
-    unit: WorkUnit, columns: list[str], batch_rows: int
+    unit: WorkUnit,
+    columns: list[str],
+    batch_rows: int,
+    dictionary: Sequence[str] = (),
 ) -> Iterator[pa.RecordBatch]:
     """The unit's record batches, one row group at a time.
 
@@ -333,7 +351,11 @@ def _batches(
     are scored by different units, changing float results in the last digit.
     """
     for piece in unit.pieces:
-        with pq.ParquetFile(piece.file) as pf:
+        # A file without one of the columns fails on reading them, with the
+        # error every reader gives; asking for its dictionary would fail first.
+        present = set(pq.read_schema(piece.file).names) if dictionary else set()
+        wanted = [c for c in dictionary if c in present]
+        with pq.ParquetFile(piece.file, read_dictionary=wanted or None) as pf:
             for rg in range(piece.start, piece.stop):
                 yield from pf.iter_batches(
                     batch_size=batch_rows, row_groups=[rg], columns=columns
@@ -573,7 +595,9 @@ def score_unit(
     # a unit scores every row exactly as the single pass does.
     state = model.new_state()
     if state is not None:
-        for batch in _batches(_preceding(unit), layout.columns, batch_rows):
+        for batch in _batches(
+            _preceding(unit), layout.columns, batch_rows, layout.dictionary_columns
+        ):
             model.advance(batch, state)
     constants = _Constants(layout.model_name, layout.model_version)
     # The stages overlap: the next row groups are decoded (a reader thread)
@@ -589,7 +613,8 @@ def score_unit(
     ):
         try:
             batches = _read_ahead(
-                _batches(unit, layout.columns, batch_rows), depth=max(2, workers)
+                _batches(unit, layout.columns, batch_rows, layout.dictionary_columns),
+                depth=max(2, workers),
             )
             score_one = functools.partial(
                 _score_batch, model, layout, constants, state=state

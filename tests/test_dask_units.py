@@ -261,6 +261,31 @@ def test_units_score_exactly_like_one_unit(work: Path, ingested: Path, bundle: P
     assert meta[b"latentflow.model_version"] == b"1"
 
 
+def test_dictionary_reads_change_nothing(work: Path, ingested: Path, bundle: Path):
+    """Scoring reads the model's categoricals dictionary-encoded; the output
+    is the one plain string reads give, bit for bit."""
+    from dataclasses import replace
+
+    from tasks.partitions import partition_files, single_unit
+    from tasks.score import prepare_scoring, score_unit
+
+    layout = prepare_scoring(ingested, bundle, "weatheraus", RUN, META)
+    # The wind directions and RainToday; the keys are copied as they are.
+    assert "WindDir9am" in layout.dictionary_columns
+    assert not set(layout.dictionary_columns) & set(layout.keys)
+    (unit,) = single_unit(partition_files(ingested))
+    tables = []
+    for name, used in (
+        ("dict", layout),
+        ("plain", replace(layout, dictionary_columns=())),
+    ):
+        out = work / f"read-{name}"
+        out.mkdir()
+        result = score_unit(unit, used, bundle, out, batch_rows=500)
+        tables.append(pq.read_table(out / result.file))
+    assert tables[0].num_rows == 3000 and tables[0].equals(tables[1])
+
+
 def test_commit_refuses_a_missing_unit(work: Path, ingested: Path, bundle: Path):
     from tasks.partitions import (
         discard_staged,

@@ -237,8 +237,13 @@ def test_one_hot_groups_reconstruct_the_category_squared_error_leaves_out() -> N
     assert errors[True].mean() < 0.8 * errors[False].mean()
 
 
-def test_reconstruction_loss_is_squared_error_plus_cross_entropy() -> None:
-    net = AutoencoderNetwork(5, 2, (4,), one_hot_groups=[[2, 3, 4]])
+@pytest.mark.parametrize(
+    "groups",
+    [[[2, 3, 4]], [[3, 4, 2]]],
+    ids=["consecutive columns", "scattered columns"],
+)
+def test_reconstruction_loss_is_squared_error_plus_cross_entropy(groups) -> None:
+    net = AutoencoderNetwork(5, 2, (4,), one_hot_groups=groups)
     x = torch.tensor([[0.5, -1.0, 0.0, 1.0, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0]])
     with torch.no_grad():
         z = net.encode(x)
@@ -253,6 +258,34 @@ def test_reconstruction_loss_is_squared_error_plus_cross_entropy() -> None:
     assert float(mse) == pytest.approx(plain_mse, rel=1e-6)
     with torch.inference_mode():
         assert torch.allclose(net.infer_decode(net.infer_encode(x)), net(x))
+
+
+def test_split_loss_equals_gathered_loss_with_its_gradients() -> None:
+    """Training cuts consecutive groups out of the output with one split; the
+    loss, the reported MSE and every gradient are those of the gather path
+    that scattered groups take."""
+    torch.manual_seed(0)
+    # Plain runs before, between and after the groups.
+    net = AutoencoderNetwork(10, 3, (16,), one_hot_groups=[[6, 7, 8], [2, 3]])
+    x = torch.randn(64, 10)
+    x[:, 2:4] = torch.nn.functional.one_hot(torch.randint(2, (64,)), 2).float()
+    x[:, 6:9] = torch.nn.functional.one_hot(torch.randint(3, (64,)), 3).float()
+    results = []
+    for gathered in (False, True):
+        net.zero_grad()
+        z = net.encode(x)
+        if gathered:
+            fit, mse = net._gathered_loss(net.decoder(z), x)
+        else:
+            fit, mse = net.reconstruction_loss(z, x)
+        fit.backward()
+        grads = [p.grad.clone() for p in net.parameters()]
+        results.append((fit.detach(), mse.detach(), grads))
+    (fit_a, mse_a, grads_a), (fit_b, mse_b, grads_b) = results
+    assert torch.allclose(fit_a, fit_b, rtol=1e-6)
+    assert torch.allclose(mse_a, mse_b, rtol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,38 @@ def test_arrow_and_pandas_agree_and_roundtrip(frame, tmp_path):
         TabularPreprocessor.load(tmp_path / "bad.json")
 
 
+@given(
+    values=st.lists(
+        st.sampled_from(["x", " y ", "z", "", "never-seen", "  ", None]),
+        min_size=0,
+        max_size=40,
+    ),
+    cut=st.integers(0, 40),
+)
+@settings(max_examples=60, deadline=None)
+def test_dictionary_encoded_categories_equal_plain_strings(values, cut) -> None:
+    """Scoring reads the categoricals dictionary-encoded (one lookup per
+    distinct value): trimming, the missing category and unseen categories give
+    the same matrix as plain strings, in one chunk or several."""
+    fit_rows = pd.DataFrame({"a": [1.0, 2.0, 3.0], "city": ["x", "y", None]})
+    pre = TabularPreprocessor(["a"], ["city"]).fit(fit_rows)
+    plain = pa.array(values, type=pa.string())
+    a = pa.array(np.arange(len(values), dtype=np.float64))
+    expected = pre.transform(pa.table({"a": a, "city": plain}))
+    encoded = plain.dictionary_encode()
+    assert pa.types.is_dictionary(encoded.type)
+    np.testing.assert_array_equal(
+        pre.transform(pa.record_batch({"a": a, "city": encoded})), expected
+    )
+    cut = min(cut, len(values))
+    chunked = pa.chunked_array(
+        [plain[:cut].dictionary_encode(), plain[cut:].dictionary_encode()]
+    )
+    np.testing.assert_array_equal(
+        pre.transform(pa.table({"a": a, "city": chunked})), expected
+    )
+
+
 def test_max_categories_caps_rare_values():
     df = pd.DataFrame({"c": ["a"] * 5 + ["b"] * 3 + ["c"]})
     pre = TabularPreprocessor([], ["c"], max_categories=2).fit(df)

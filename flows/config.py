@@ -221,7 +221,7 @@ class ModelSection(BaseModel):
         json_schema_extra=_kind_schema,
     )
     latent_dim: int = Field(8, ge=1, le=128, description="Size of the latent code")
-    # Defaults measured on weatherAUS (2 CPU cores): about 70 s of training,
+    # Defaults measured on weatherAUS (2 CPU cores): about 50 s of training,
     # holdout MSE about 0.43x PCA(8); see docs/benchmarks.md, "The latent code".
     epochs: int = Field(80, ge=1, le=1000, description="Most training epochs")
     contamination: float = Field(

@@ -130,7 +130,14 @@ class LatentModel:
         ``data`` and from ``state`` (the earlier batches of a stream), which
         it updates; without ``state`` the rows are their own history.
         """
-        x = self.preprocessor.transform(data)
+        return self.score_features(self.preprocessor.transform(data), data, state)
+
+    def score_features(
+        self, x: np.ndarray, data: TableLike, state: WindowState | None = None
+    ) -> Scores:
+        """:meth:`score` of rows already preprocessed: ``x`` is
+        ``preprocessor.transform(data)``, shape (n, n_features); ``data`` gives
+        a sequence model its rows' series and order."""
         columns = self.context_columns
         if columns is None:
             scores = score_rows(self.estimator, x)
@@ -208,7 +215,8 @@ class LatentModel:
         (and cluster), then explanation."""
         # MLflow may hand over a frame with the index of the caller; keep it.
         index = data.index if isinstance(data, pd.DataFrame) else None
-        scores = self.score(data)
+        features = self.preprocessor.transform(data)
+        scores = self.score_features(features, data)
         out = pd.DataFrame(scores.latent, columns=self.latent_names, index=index)
         out[cols.RECON_ERROR] = scores.score
         out[cols.ANOMALY_SCORE] = self.anomaly_score(scores.score)
@@ -217,7 +225,9 @@ class LatentModel:
         if labels is not None:
             out[cols.CLUSTER] = labels
         out[cols.EXPLANATION] = pd.Series(
-            explanation_array(self, data, scores.is_anomaly).to_pylist(),
+            explanation_array(
+                self, data, scores.is_anomaly, features=features
+            ).to_pylist(),
             index=index,
             dtype=object,
         )
@@ -281,11 +291,14 @@ class LatentModel:
         if len(good):
             table = pa.table({c: typed[c] for c in needed})
             rows = table.take(pa.array(good))
-            scores = self.score(rows)
+            features = self.preprocessor.transform(rows)
+            scores = self.score_features(features, rows)
             latent[good] = scores.latent
             score[good] = scores.score
             flag[good] = scores.is_anomaly
-            explained = explanation_array(self, rows, scores.is_anomaly).to_pylist()
+            explained = explanation_array(
+                self, rows, scores.is_anomaly, features=features
+            ).to_pylist()
             for i, e in zip(good.tolist(), explained, strict=True):
                 why[i] = e
             found = self.clusters(scores.latent)

@@ -715,13 +715,19 @@ default="relu"
 
     # -- inference ------------------------------------------------------------
     def _blocks(
-        self, X32: np.ndarray, *, decode: bool = True
+        self,
+        X32: np.ndarray,
+        *,
+        decode: bool = True,
+        reconstructions: np.ndarray | None = None,
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """The one inference loop: each block of ``X32``'s rows with its codes and,
         when ``decode``, its squared cell errors (all on the fitted device).
 
         Yields ``(rows, batch, code, sq_error)`` with shapes (b, n_features),
         (b, latent_dim) and (b, n_features) or None. Runs under inference mode.
+        When ``decode``, each block's reconstruction is also copied into
+        ``reconstructions`` (shape of ``X32``) if one is given.
         """
         network = self.network_
         device = torch.device(self.device_)
@@ -732,9 +738,12 @@ default="relu"
                 rows = slice(start, min(start + step, n))
                 batch = _rows_tensor(X32[rows], device)
                 code = network.infer_encode(batch)
-                sq = (
-                    network.infer_decode(code).sub_(batch).square_() if decode else None
-                )
+                sq = None
+                if decode:
+                    out = network.infer_decode(code)
+                    if reconstructions is not None:
+                        reconstructions[rows] = out.cpu().numpy()  # a copy
+                    sq = out.sub_(batch).square_()
                 yield rows, batch, code, sq
 
     def _forward(
@@ -958,9 +967,42 @@ default="relu"
         if scorer is None:
             return np.asarray(self.feature_errors(X), dtype=np.float32)
         X32 = np.ascontiguousarray(self._validated(X), dtype=np.float32)
+        return self._contributions(X32)
+
+    def score_contributions_and_reconstruction(
+        self, X: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score_contributions` and the reconstruction, in one pass.
+
+        What an explanation needs: the same values as ``score_contributions(X)``
+        and ``inverse_transform(transform(X))``, for one encoder and one decoder
+        pass instead of two of each.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Rows to explain.
+
+        Returns
+        -------
+        contributions : ndarray of shape (n_samples, n_features_in_), float32
+        reconstruction : ndarray of shape (n_samples, n_features_in_), float32
+        """
+        X32 = np.ascontiguousarray(self._validated(X), dtype=np.float32)
+        reconstruction = np.empty_like(X32)
+        return self._contributions(X32, reconstruction), reconstruction
+
+    def _contributions(
+        self, X32: np.ndarray, reconstructions: np.ndarray | None = None
+    ) -> np.ndarray:
+        scorer = getattr(self, "scorer_", None)
         out = np.empty_like(X32)
-        for rows, batch, code, sq in self._blocks(X32):
-            out[rows] = scorer.contributions(batch, code, sq).cpu().numpy()
+        for rows, batch, code, sq in self._blocks(X32, reconstructions=reconstructions):
+            out[rows] = (
+                (sq if scorer is None else scorer.contributions(batch, code, sq))
+                .cpu()
+                .numpy()
+            )
         return out
 
     def encode_and_score(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

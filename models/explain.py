@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from models.family import contributions_and_reconstruction
 from models.preprocessing import UNKNOWN, TableLike, _as_float, _as_str, _column
 
 if TYPE_CHECKING:
@@ -89,18 +90,22 @@ class _Entries:
         )
 
 
-def _entries(model: LatentModel, data: TableLike, top: int) -> _Entries:
+def _entries(
+    model: LatentModel, data: TableLike, top: int, features: np.ndarray | None = None
+) -> _Entries:
     """The ``top`` columns behind each row's score, as columns.
 
+    ``features``: ``data`` already preprocessed, when the caller has it.
     Ranking is vectorised and only the cells shown are turned into text
     (about ``top`` per row): no per-row Python loop, so explaining holds the
     GIL for little while other batches are scored on other threads.
     """
     n = len(data)
     pre = model.preprocessor
-    x = pre.transform(data)
-    parts = np.asarray(model.estimator.feature_contributions(x), dtype=np.float64)
-    recon = np.asarray(model.estimator.reconstruct(x), dtype=np.float64)
+    x = pre.transform(data) if features is None else features
+    contributions, reconstruction = contributions_and_reconstruction(model.estimator, x)
+    parts = np.asarray(contributions, dtype=np.float64)
+    recon = np.asarray(reconstruction, dtype=np.float64)
     names, folded = fold_contributions(model, parts)
     imputed = np.zeros((n, len(names)), dtype=bool)
     raw_numbers: dict[int, np.ndarray] = {}
@@ -181,16 +186,23 @@ def explain(
 
 
 def explanation_array(
-    model: LatentModel, data: TableLike, flagged: np.ndarray, top: int = TOP_COLUMNS
+    model: LatentModel,
+    data: TableLike,
+    flagged: np.ndarray,
+    top: int = TOP_COLUMNS,
+    features: np.ndarray | None = None,
 ) -> pa.Array:
     """The ``explanation`` column: an explanation on each flagged row, null
     elsewhere. Only the flagged rows are explained (about ``contamination`` of
-    them), so the cost stays a small share of scoring."""
+    them), so the cost stays a small share of scoring. ``features``: all of
+    ``data`` preprocessed, when the caller has it (scoring does), so the
+    flagged rows are not preprocessed again."""
     flagged = np.asarray(flagged, dtype=bool)
     idx = np.flatnonzero(flagged)
     counts = np.zeros(len(flagged), dtype=np.int64)
     if len(idx):
-        entries = _entries(model, _take(data, idx), top)
+        rows = None if features is None else features[idx]
+        entries = _entries(model, _take(data, idx), top, rows)
         counts[idx] = entries.counts
         values = entries.arrow()
     else:

@@ -170,6 +170,21 @@ def score_rows(model: ModelFamily, x: np.ndarray) -> Scores:
     )
 
 
+def contributions_and_reconstruction(
+    model: ModelFamily, x: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(feature_contributions(x), reconstruct(x))``, what an explanation needs.
+
+    A family may compute both in one pass by defining
+    ``contributions_and_reconstruction(X)`` with the same values; it is optional,
+    so a family needs only the contract's methods.
+    """
+    both = getattr(model, "contributions_and_reconstruction", None)
+    if callable(both):
+        return both(x)
+    return model.feature_contributions(x), model.reconstruct(x)
+
+
 def reconstruction_mse(model: ModelFamily, x: np.ndarray) -> float:
     """Mean squared reconstruction error over all cells of ``x`` (float64 sums),
     reconstructing a chunk at a time."""

@@ -474,7 +474,8 @@ def _score_batch(
     Depends on nothing but the batch (and, for a sequence model, ``state``),
     so batches can be scored on several threads and still give the same rows.
     """
-    scores = model.score(batch, state)
+    features = model.preprocessor.transform(batch)
+    scores = model.score_features(features, batch, state)
     err = scores.score
     pct = model.anomaly_score(err)
     flag = scores.is_anomaly if layout.anomaly_cut is None else pct > layout.anomaly_cut
@@ -489,7 +490,7 @@ def _score_batch(
     labels = model.clusters(scores.latent)
     if labels is not None:
         arrays.append(pa.array(labels))
-    arrays.append(explanation_array(model, batch, flag))
+    arrays.append(explanation_array(model, batch, flag, features=features))
     arrays += constants.arrays(batch.num_rows)
     return _ScoredBatch(
         pa.RecordBatch.from_arrays(arrays, schema=layout.schema),

@@ -488,6 +488,28 @@ def test_density_score_splits_into_contributions_and_excludes_self() -> None:
     assert est.score(X) == pytest.approx(-((recon - X) ** 2).mean(), rel=1e-4)
 
 
+@pytest.mark.parametrize("score_method", ["density", "reconstruction"])
+def test_contributions_and_reconstruction_in_one_pass_equal_two_passes(
+    score_method: str,
+) -> None:
+    """What an explanation asks for in one pass is, bit for bit, what
+    ``score_contributions`` and ``inverse_transform(transform(X))`` give, on
+    more rows than one inference block and with a one-hot group activated."""
+    from models.estimator import INFERENCE_BATCH
+
+    rng = np.random.default_rng(3)
+    n = INFERENCE_BATCH + 77
+    X = np.hstack([_gaussian(n=n, d=5), np.eye(3)[rng.integers(0, 3, n)]])
+    est = _small(score_method=score_method, one_hot_groups=[[5, 6, 7]]).fit(X)
+    for rows in (X, X.astype(np.float32)):
+        parts, recon = est.score_contributions_and_reconstruction(rows)
+        assert parts.dtype == recon.dtype == np.float32
+        np.testing.assert_array_equal(parts, est.score_contributions(rows))
+        np.testing.assert_array_equal(
+            recon, est.inverse_transform(est.transform(rows)).astype(np.float32)
+        )
+
+
 def test_neighbour_term_is_the_mean_nearest_distance_across_blocks() -> None:
     """The neighbour term, computed in cache-sized blocks, equals its definition
     (mean over subsets of the distance to the nearest member) on every row, and

@@ -249,3 +249,6 @@ def test_explanation_column_matches_per_row_explanations(trained):
     assert all(got[i] is None for i in np.flatnonzero(~flagged).tolist())
     none = explanation_array(model, rows, np.zeros(rows.num_rows, dtype=bool))
     assert none.type == EXPLANATION_TYPE and none.null_count == rows.num_rows
+    # Scoring hands over the rows it already preprocessed: the same column.
+    features = model.preprocessor.transform(rows)
+    assert explanation_array(model, rows, flagged, features=features).equals(column)

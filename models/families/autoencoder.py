@@ -66,3 +66,9 @@ class AutoencoderFamily(AutoencoderReducer):
 
     def reconstruct(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.inverse_transform(self.transform(X)), dtype=np.float32)
+
+    def contributions_and_reconstruction(
+        self, X: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # One encoder and one decoder pass instead of two of each.
+        return self.score_contributions_and_reconstruction(X)

@@ -62,6 +62,20 @@ def _as_float(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
+def _numeric_view(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Numeric values as a NumPy array of the column's own type where it has
+    one (NaN for missing; possibly read-only and not float64), else
+    :func:`_as_float`'s float64 copy.
+
+    For :meth:`TabularPreprocessor.transform`, which computes into its own
+    buffers: float and integer columns then skip the float64 cast and the copy
+    (their values convert to float64 exactly inside the arithmetic).
+    """
+    if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type):
+        return np.asarray(arr.to_numpy(zero_copy_only=False))
+    return _as_float(arr)
+
+
 def _as_str(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     if pa.types.is_null(arr.type):
         return pa.nulls(len(arr), pa.string())
@@ -607,27 +621,28 @@ class TabularPreprocessor:
         # writing them one strided column at a time cost a third more.
         k = len(self.numeric) + int(np.count_nonzero(self.has_missing_))
         block = np.empty((k, n), dtype=np.float32)
-        j = 0
-        indicators = []
+        scaled = np.empty(n, dtype=np.float64)
+        miss = np.empty(n, dtype=bool)
+        flags = len(self.numeric)
         for i, name in enumerate(self.numeric):
-            x = _as_float(_column(data, name))
-            if not x.flags.writeable:
-                x = x.copy()
-            miss = np.isnan(x)
-            x[miss] = self.medians_[i]
-            # In place, in float64: (x - mean) / scale, then clipped so that a
-            # value far outside what training saw stays a finite float32 (an
-            # extreme anomaly, never inf and then NaN).
-            with np.errstate(over="ignore"):
-                np.subtract(x, self.means_[i], out=x)
-                np.divide(x, self.scales_[i], out=x)
-            np.clip(x, -MAX_SCALED, MAX_SCALED, out=block[j])
-            j += 1
+            x = _numeric_view(_column(data, name))
+            # Missing means NaN or an infinity, as _as_float has it.
+            np.isfinite(x, out=miss)
+            np.logical_not(miss, out=miss)
+            # In float64: (x - mean) / scale, clipped so that a value far
+            # outside what training saw stays a finite float32 (an extreme
+            # anomaly, never inf and then NaN). A missing value becomes its
+            # imputed median's scaled value: the same float64 steps applied to
+            # the median, so the result is what imputing first would give.
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.subtract(x, self.means_[i], out=scaled)
+                np.divide(scaled, self.scales_[i], out=scaled)
+                np.clip(scaled, -MAX_SCALED, MAX_SCALED, out=block[i])
+            np.copyto(block[i], self._imputed_scaled(i), where=miss)
             if self.has_missing_[i]:
-                indicators.append(miss)
-        for miss in indicators:
-            block[j] = miss
-            j += 1
+                block[flags] = miss
+                flags += 1
+        j = flags
         out[:, :k] = block.T
         # One flat index per row and category: a 2-D fancy index would build
         # the row index again for every column.
@@ -640,6 +655,14 @@ class TabularPreprocessor:
             flat[hot] = 1.0
             j += len(cats) + 1
         return out
+
+    def _imputed_scaled(self, i: int) -> np.float32:
+        """Numeric column ``i``'s median as :meth:`transform` scales it."""
+        value = np.array([self.medians_[i]], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            np.subtract(value, self.means_[i], out=value)
+            np.divide(value, self.scales_[i], out=value)
+        return np.float32(np.clip(value, -MAX_SCALED, MAX_SCALED)[0])
 
     def fit_transform(self, data: TableLike) -> np.ndarray:
         return self.fit(data).transform(data)

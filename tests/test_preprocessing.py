@@ -119,6 +119,84 @@ def test_dictionary_encoded_categories_equal_plain_strings(values, cut) -> None:
     )
 
 
+_NUMERIC_TYPES = {
+    "float64": pa.float64(),
+    "float32": pa.float32(),
+    "float16": pa.float16(),
+    "int64": pa.int64(),
+    "int8": pa.int8(),
+    "uint32": pa.uint32(),
+    "bool": pa.bool_(),
+    "string": pa.string(),
+}
+
+
+@given(
+    values=st.lists(
+        st.one_of(
+            st.none(),
+            st.integers(-100, 100),
+            st.sampled_from([0.5, -2.25, 1e30, -1e30, np.inf, -np.inf, np.nan]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    kind=st.sampled_from(sorted(_NUMERIC_TYPES)),
+    cut=st.integers(0, 40),
+)
+@settings(max_examples=120, deadline=None)
+def test_numeric_columns_of_every_type_scale_as_imputed_float64(
+    values, kind, cut
+) -> None:
+    """Each numeric cell is its float64 value, a missing one (null, NaN, an
+    infinity, junk text) the training median, then (x - mean) / scale clipped
+    to +-MAX_SCALED, as float32, whatever the column's Arrow type and
+    chunking; the missing flag marks exactly the imputed cells."""
+    from models.preprocessing import MAX_SCALED
+
+    fit_rows = pd.DataFrame({"a": [1.0, 2.0, np.nan, 7.0]})
+    pre = TabularPreprocessor(["a"], []).fit(fit_rows)
+    arrow_type = _NUMERIC_TYPES[kind]
+    cells: list[object] = []
+    for v in values:
+        if v is None:
+            cells.append(None)
+        elif kind == "bool":
+            cells.append(
+                bool(v) if not isinstance(v, float) or np.isfinite(v) else None
+            )
+        elif kind == "string":
+            cells.append("NA" if isinstance(v, float) and np.isnan(v) else str(v))
+        elif kind.startswith(("int", "uint")):
+            cells.append(abs(int(v)) if np.isfinite(v) and abs(v) <= 100 else None)
+        else:
+            cells.append(float(v))
+    column = pa.array(cells, type=arrow_type)
+    # The float64 value of each cell as stored (narrow floats round first).
+    as_number = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce")
+    reference = as_number.to_numpy(dtype=np.float64, na_value=np.nan)
+    if kind in ("float32", "float16"):
+        with np.errstate(over="ignore"):
+            reference = reference.astype(kind).astype(np.float64)
+    missing = ~np.isfinite(reference)
+    imputed = np.where(missing, pre.medians_[0], reference)
+    with np.errstate(over="ignore"):
+        expected = np.clip(
+            (imputed - pre.means_[0]) / pre.scales_[0], -MAX_SCALED, MAX_SCALED
+        ).astype(np.float32)
+    cut = min(cut, len(cells))
+    for data in (
+        pa.table({"a": column}),
+        pa.table({"a": pa.chunked_array([column[:cut], column[cut:]])}),
+    ):
+        x = pre.transform(data)
+        names = pre.feature_names_out_
+        np.testing.assert_array_equal(x[:, names.index("a")], expected)
+        np.testing.assert_array_equal(
+            x[:, names.index("a__missing")], missing.astype(np.float32)
+        )
+
+
 def test_max_categories_caps_rare_values():
     df = pd.DataFrame({"c": ["a"] * 5 + ["b"] * 3 + ["c"]})
     pre = TabularPreprocessor([], ["c"], max_categories=2).fit(df)

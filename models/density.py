@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.row_blocks import padded, row_blocks
+
 #: Random subsets of training rows that the neighbour term measures against.
 N_SETS = 8
 #: Rows per subset; small on purpose (see the module docstring).
@@ -399,20 +401,21 @@ class DensityScore(nn.Module):
         # Only the distance matrix is built in blocks (it is what must stay in
         # cache); the per-row steps after the minimum run once over all rows,
         # since on blocks this small their per-call cost was most of their time.
-        for start in range(0, emb.shape[0], step):
-            block = emb[start : start + step]
+        # Blocks never so small that BLAS rounds them differently from large
+        # ones (models/row_blocks.py): a row's score never depends on its batch.
+        for part in row_blocks(emb.shape[0], step):
+            block = emb[part]
+            m = block.shape[0]
             # |e - r|^2 = |e|^2 + (|r|^2 - 2 e.r): |e|^2 is the same for every
             # reference, so it is added after the minimum (one pass fewer).
-            sq = torch.addmm(ref_sq, block, refs.t(), alpha=-2.0)
+            sq = torch.addmm(ref_sq, padded(block), refs.t(), alpha=-2.0)[:m]
             if own is not None:
-                rows = torch.arange(
-                    first_row + start, first_row + start + block.shape[0]
-                )
+                rows = torch.arange(first_row + part.start, first_row + part.stop)
                 sq.masked_fill_(own.unsqueeze(0) == rows.unsqueeze(1), math.inf)
             torch.amin(
                 sq.view(-1, self.n_sets, self.set_rows),
                 dim=2,
-                out=nearest[start : start + block.shape[0]],
+                out=nearest[part],
             )
         nearest += emb.square().sum(dim=1, keepdim=True)
         # A subset made only of the row itself (a one-row fit) adds nothing.

@@ -41,6 +41,7 @@ from models.family import contamination_threshold, is_anomaly
 from models.label_guidance import LabelHead, label_columns
 from models.networks import ACTIVATIONS, AutoencoderNetwork
 from models.objectives import OBJECTIVES
+from models.row_blocks import padded, row_blocks
 from models.schedule import LR_SCHEDULES, make_schedule
 
 KINDS = tuple(OBJECTIVES)
@@ -734,13 +735,17 @@ default="relu"
         n = X32.shape[0]
         step = INFERENCE_BATCH if device.type == "cpu" else INFERENCE_BATCH_GPU
         with torch.inference_mode():
-            for start in range(0, n, step):
-                rows = slice(start, min(start + step, n))
+            # No block is so small that BLAS rounds it differently from a
+            # large one (models/row_blocks.py): a row's results never depend
+            # on the rows beside it.
+            for rows in row_blocks(n, step):
                 batch = _rows_tensor(X32[rows], device)
-                code = network.infer_encode(batch)
+                m = batch.shape[0]
+                codes = network.infer_encode(padded(batch))
+                code = codes[:m]
                 sq = None
                 if decode:
-                    out = network.infer_decode(code)
+                    out = network.infer_decode(codes)[:m]
                     if reconstructions is not None:
                         reconstructions[rows] = out.cpu().numpy()  # a copy
                     sq = out.sub_(batch).square_()

@@ -841,10 +841,10 @@ default="relu"
         device = torch.device(self.device_)
         out = np.empty((Z32.shape[0], self.n_features_in_), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, Z32.shape[0], INFERENCE_BATCH):
-                stop = min(start + INFERENCE_BATCH, Z32.shape[0])
-                z = _rows_tensor(Z32[start:stop], device)
-                out[start:stop] = self.network_.infer_decode(z).cpu().numpy()
+            for rows in row_blocks(Z32.shape[0], INFERENCE_BATCH):
+                z = _rows_tensor(Z32[rows], device)
+                decoded = self.network_.infer_decode(padded(z))[: z.shape[0]]
+                out[rows] = decoded.cpu().numpy()
         return out
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:

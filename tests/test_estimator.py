@@ -529,6 +529,9 @@ def test_a_rows_results_do_not_depend_on_the_rows_scored_with_it(threads) -> Non
             np.testing.assert_array_equal(got_score, score[a:b], err_msg=f"{a}:{b}")
             np.testing.assert_array_equal(got_parts, parts[a:b], err_msg=f"{a}:{b}")
             np.testing.assert_array_equal(got_recon, recon[a:b], err_msg=f"{a}:{b}")
+            np.testing.assert_array_equal(
+                est.inverse_transform(got_code), recon[a:b], err_msg=f"{a}:{b}"
+            )
     finally:
         torch.set_num_threads(before)
 

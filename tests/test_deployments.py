@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Statuses Prefect's own client retries (a busy server's database answers 503
+#: for a moment on a loaded 2-core runner); the tests' HTTP calls do the same.
+_RETRIED_STATUSES = (429, 502, 503)
+
+
+def _answer(req: urllib.request.Request, attempts: int = 5) -> Any:
+    """The decoded JSON answer to ``req``, retried with backoff on a
+    temporarily unavailable server, as Prefect's client does."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in _RETRIED_STATUSES or attempt == attempts - 1:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 class ServeStack:
@@ -152,8 +172,7 @@ class ServeStack:
     def get(self, path: str) -> Any:
         """GET from the API; the decoded answer."""
         req = urllib.request.Request(f"{self.api_url}{path}", headers=self.headers())
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.load(resp)
+        return _answer(req)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST JSON to the API; the decoded answer."""
@@ -162,8 +181,7 @@ class ServeStack:
             data=json.dumps(body).encode(),
             headers=self.headers(),
         )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.load(resp)
+        return _answer(req)
 
     @contextlib.contextmanager
     def settings(self) -> Iterator[None]:
